@@ -1,0 +1,27 @@
+"""MixT5 modeling: router, experts, the sparse FF sub-layer and the model classes."""
+
+from .experts import MixT5Experts, MixT5GatedExperts
+from .modeling_mixt5 import (
+    MixT5EncoderModel,
+    MixT5EncoderOutput,
+    MixT5ForConditionalGeneration,
+    MixT5PreTrainedModel,
+    MixT5Seq2SeqLMOutput,
+    router_logits_to_expert_load,
+)
+from .router import MixT5Router, RouterOutput
+from .sparse_ff import MixT5LayerSparseFF
+
+__all__ = [
+    "MixT5EncoderModel",
+    "MixT5EncoderOutput",
+    "MixT5Experts",
+    "MixT5ForConditionalGeneration",
+    "MixT5GatedExperts",
+    "MixT5LayerSparseFF",
+    "MixT5PreTrainedModel",
+    "MixT5Router",
+    "MixT5Seq2SeqLMOutput",
+    "RouterOutput",
+    "router_logits_to_expert_load",
+]

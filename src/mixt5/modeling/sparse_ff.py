@@ -1,0 +1,49 @@
+"""The MoE feed-forward sub-layer that replaces `T5LayerFF` in the sparse blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+from ..config import MixT5Config
+from .experts import MixT5Experts, MixT5GatedExperts
+from .router import MixT5Router, RouterOutput
+
+
+class MixT5LayerSparseFF(nn.Module):
+    """`T5LayerFF` with the dense FFN replaced by a router and E experts.
+
+    Same structure and pre-norm residual as `T5LayerFF`: `x + dropout(experts(layer_norm(x)))`. It stays the
+    last entry of `T5Block.layer`, with parameters `layer_norm.weight`, `router.weight` and `experts.*`.
+    """
+
+    def __init__(self, config: MixT5Config, router_type: str) -> None:
+        super().__init__()
+        moe = config.moe_config
+        self.router = MixT5Router(config.d_model, moe, router_type)
+        self.experts = (MixT5GatedExperts if config.is_gated_act else MixT5Experts)(config)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        # Set by the owning stack before each call (padding mask); kept until the next call so that
+        # gradient-checkpointing recomputation routes exactly as the forward did.
+        self.token_mask: torch.Tensor | None = None
+        # A list while a model forward collects routing records (see `MixT5PreTrainedModel`), else None.
+        self.routing_records: list[RouterOutput] | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, d_model = hidden_states.shape
+        normed = self.layer_norm(hidden_states).reshape(-1, d_model)  # (tokens, d_model)
+        token_mask = self.token_mask
+        if token_mask is not None:  # with a KV cache the decoder sees only the last `seq_len` positions
+            fits = token_mask.dim() == 2 and token_mask.shape[0] == batch_size and token_mask.shape[1] >= seq_len
+            token_mask = token_mask[:, -seq_len:].reshape(-1).bool() if fits else None
+        routing = self.router(normed, token_mask)
+        expert_index = routing.expert_index
+        if self.experts.config._experts_implementation not in (None, "eager"):
+            # transformers' kernels know no sentinel: send unused slots to expert 0 with weight 0
+            expert_index = expert_index.clamp(max=self.experts.num_experts - 1)
+        expert_output = self.experts(normed, expert_index, routing.expert_weights)
+        if self.routing_records is not None:
+            self.routing_records.append(routing)
+        return hidden_states + self.dropout(expert_output.view(batch_size, seq_len, d_model))

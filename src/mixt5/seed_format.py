@@ -1,0 +1,126 @@
+"""Read checkpoints written by the original study's patched transformers fork ("seed" format).
+
+Their `config.json` says `model_type: "t5"` plus `activate_moe: true`, `num_local_experts`, `num_experts_per_tok`
+and `num_moe_layers` (blocks with index >= it are MoE, in the encoder and the decoder). Each MoE FF sub-layer
+holds `...layer.{i}.gate.weight` (E, d_model) and `...layer.{i}.experts.{e}.wi_0|wi_1|wo.weight` (or `wi`), and
+routes with softmax, top-k, renormalise: our default router.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import T5Config
+
+from .config import MoEConfig
+from .modeling.modeling_mixt5 import MixT5ForConditionalGeneration
+from .upcycle import mixt5_config_from_dense
+from .utils import copy_tokenizer
+
+SEED_CONFIG_KEYS = ("activate_moe", "num_local_experts", "num_experts_per_tok", "num_moe_layers")
+_EXPERT_KEY = re.compile(r"^(.*\.layer\.\d+)\.experts\.(\d+)\.(wi_0|wi_1|wi|wo)\.weight$")
+_GATE_KEY = re.compile(r"^(.*\.layer\.\d+)\.gate\.weight$")
+
+
+def is_seed_checkpoint(path: str | Path) -> bool:
+    """True when `path/config.json` is a study-fork MoE config (`activate_moe: true`)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    with open(config_file, encoding="utf-8") as handle:
+        return bool(json.load(handle).get("activate_moe"))
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: safetensors (single or sharded) or `pytorch_model.bin`."""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(load_file(file))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{path} holds no *.safetensors or pytorch_model*.bin weights.")
+    state = {}
+    for file in bins:
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+def seed_state_dict_to_mixt5(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Rename `gate` to `router` and stack the per-expert `wi_0`/`wi_1`/`wo` into 3-D expert tensors."""
+    converted: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key, tensor in state.items():
+        if match := _EXPERT_KEY.match(key):
+            prefix, expert, name = match.group(1), int(match.group(2)), match.group(3)
+            experts.setdefault(prefix, {}).setdefault(name, {})[expert] = tensor
+        elif match := _GATE_KEY.match(key):
+            converted[f"{match.group(1)}.router.weight"] = tensor
+        else:
+            converted[key] = tensor
+    for prefix, mats in experts.items():
+        for name, per_expert in mats.items():
+            if sorted(per_expert) != list(range(num_experts)):
+                raise ValueError(
+                    f"{prefix}.experts.*.{name}: expected experts 0..{num_experts - 1}, found {sorted(per_expert)}."
+                )
+        stack = {name: torch.stack([per_expert[e] for e in range(num_experts)]) for name, per_expert in mats.items()}
+        if "wi_0" in stack:
+            converted[f"{prefix}.experts.gate_up_proj"] = torch.cat([stack["wi_0"], stack["wi_1"]], dim=1)
+        else:
+            converted[f"{prefix}.experts.up_proj"] = stack["wi"]
+        converted[f"{prefix}.experts.down_proj"] = stack["wo"]
+    return converted
+
+
+def load_seed_checkpoint(path: str | Path) -> MixT5ForConditionalGeneration:
+    """Load a study-fork checkpoint folder as a `MixT5ForConditionalGeneration` with the same outputs."""
+    path = Path(path)
+    with open(path / "config.json", encoding="utf-8") as handle:
+        raw: dict[str, Any] = json.load(handle)
+    missing = [key for key in SEED_CONFIG_KEYS if key not in raw]
+    if not raw.get("activate_moe") or missing:
+        raise ValueError(
+            f"{path / 'config.json'} is not a study-fork MoE config (missing {missing or ['activate_moe']})."
+        )
+    dense_config = T5Config(**{k: v for k, v in raw.items() if k not in SEED_CONFIG_KEYS})
+    first = raw["num_moe_layers"]
+    layer_indices = {
+        "encoder": list(range(first, dense_config.num_layers)),
+        "decoder": list(range(first, dense_config.num_decoder_layers)),
+    }
+    moe = MoEConfig(
+        num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"], moe_layers=json.dumps(layer_indices)
+    )
+    provenance = {"base_model": str(path), "base_model_type": "t5", "method": "seed-format import", "seed": None}
+    config = mixt5_config_from_dense(dense_config, moe, layer_indices, provenance)
+    with torch.device("meta"):
+        model = MixT5ForConditionalGeneration(config)
+    state = seed_state_dict_to_mixt5(_load_state_dict(path), moe.num_experts)
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k in expected}
+    for tied in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        if tied not in state and "shared.weight" in state and (tied != "lm_head.weight" or config.tie_word_embeddings):
+            state[tied] = state["shared.weight"]
+    missing_keys = sorted(set(expected) - set(state))
+    if missing_keys:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing_keys)} weights, e.g. {missing_keys[:3]}.")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def convert_seed_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """`mixt5 convert-seed SRC DST`: write a study-fork checkpoint as a MixT5 one (safetensors), tokenizer included."""
+    model = load_seed_checkpoint(src)
+    dst = Path(dst)
+    model.save_pretrained(dst)
+    copy_tokenizer(str(src), dst)
+    return dst

@@ -1,0 +1,198 @@
+"""Dense → MoE surgery ("sparse upcycling") and the ways to initialise the expert copies."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.mt5.modeling_mt5 import MT5EncoderModel, MT5ForConditionalGeneration
+from transformers.models.t5.modeling_t5 import T5EncoderModel, T5ForConditionalGeneration
+
+from .config import MixT5Config, MoEConfig
+from .modeling.modeling_mixt5 import MixT5EncoderModel, MixT5ForConditionalGeneration, MixT5PreTrainedModel
+
+# Dense class -> MixT5 class (MT5's modules mirror T5's, parameter names included; flan-t5 is T5).
+SUPPORTED = {
+    T5ForConditionalGeneration: MixT5ForConditionalGeneration,
+    MT5ForConditionalGeneration: MixT5ForConditionalGeneration,
+    T5EncoderModel: MixT5EncoderModel,
+    MT5EncoderModel: MixT5EncoderModel,
+}
+_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map")
+
+
+def _target_class(model: nn.Module) -> type[MixT5PreTrainedModel]:
+    if isinstance(model, MixT5PreTrainedModel):
+        raise TypeError(f"{type(model).__name__} is already a MixT5 (sparse) model; upcycle a dense T5 model.")
+    for dense_class, moe_class in SUPPORTED.items():
+        if isinstance(model, dense_class):
+            return moe_class
+    model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+    supported = ", ".join(cls.__name__ for cls in SUPPORTED)
+    raise TypeError(
+        f"upcycle() got {type(model).__name__} (model_type {model_type!r}), which is not supported. Currently only "
+        f"T5-family models are: {supported} (t5, t5-v1.1, flan-t5, mt5)."
+    )
+
+
+def _layer_generator(seed: int, stack: str, block: int) -> torch.Generator:
+    """One generator per MoE layer, so a layer's init depends on (seed, stack, block) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + (0 if stack == "encoder" else 1000) + block)
+
+
+def _diversify(matrix: torch.Tensor, moe: MoEConfig, generator: torch.Generator) -> torch.Tensor:
+    """Per-expert noise on one dense matrix (fp32 on CPU, so results do not depend on the device)."""
+    if moe.expert_init == "noisytune":  # Wu et al. 2022: W + U(-λ/2, λ/2) * std(W)
+        noise = torch.rand(matrix.shape, generator=generator) - 0.5
+        return matrix + noise * (moe.noise_lambda * matrix.std())
+    if moe.expert_init == "gaussian":  # mergekit-moe: absolute N(0, σ) noise
+        return matrix + torch.randn(matrix.shape, generator=generator) * moe.noise_std
+    return matrix
+
+
+def _drop_upcycle(
+    in_mats: list[torch.Tensor], out_mat: torch.Tensor, ratio: float, generator: torch.Generator
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025) for one expert: re-initialise round(ratio * d_ff) hidden units.
+
+    The chosen units' rows of each input projection (`wi_0`/`wi_1`/`wi`: (d_ff, d_model)) and columns of the output
+    projection (`wo`: (d_model, d_ff)) are drawn from N(mean, std) of the original matrix.
+    """
+    d_ff = out_mat.shape[1]
+    units = torch.randperm(d_ff, generator=generator)[: round(ratio * d_ff)]
+    new_in = []
+    for mat in in_mats:
+        mat = mat.clone()
+        mat[units] = torch.randn(len(units), mat.shape[1], generator=generator) * mat.std() + mat.mean()
+        new_in.append(mat)
+    out_mat = out_mat.clone()
+    out_mat[:, units] = torch.randn(out_mat.shape[0], len(units), generator=generator) * out_mat.std() + out_mat.mean()
+    return new_in, out_mat
+
+
+def build_experts(dense_ff: nn.Module, moe: MoEConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """3-D expert weights from one dense `T5DenseGatedActDense` / `T5DenseActDense`, per `moe.expert_init`.
+
+    Returns `gate_up_proj` (E, 2*d_ff, d_model) or `up_proj` (E, d_ff, d_model), and `down_proj` (E, d_model, d_ff),
+    in the dense weights' dtypes and device.
+    """
+    gated = hasattr(dense_ff, "wi_0")
+    in_weights = [dense_ff.wi_0.weight, dense_ff.wi_1.weight] if gated else [dense_ff.wi.weight]
+    out_weight = dense_ff.wo.weight
+    in_key = "gate_up_proj" if gated else "up_proj"
+    if moe.expert_init == "copy":
+        fused = torch.cat(in_weights, dim=0) if gated else in_weights[0]
+        return {
+            in_key: fused.detach().unsqueeze(0).repeat(moe.num_experts, 1, 1),
+            "down_proj": out_weight.detach().unsqueeze(0).repeat(moe.num_experts, 1, 1),
+        }
+    in_fp32 = [w.detach().float().cpu() for w in in_weights]
+    out_fp32 = out_weight.detach().float().cpu()
+    experts_in, experts_out = [], []
+    for _ in range(moe.num_experts):
+        if moe.expert_init == "drop_upcycling":
+            mats, out = _drop_upcycle(in_fp32, out_fp32, moe.drop_ratio, generator)
+        else:
+            mats = [_diversify(w, moe, generator) for w in in_fp32]
+            out = _diversify(out_fp32, moe, generator)
+        experts_in.append(torch.cat(mats, dim=0))
+        experts_out.append(out)
+    return {
+        in_key: torch.stack(experts_in).to(in_weights[0].device, in_weights[0].dtype),
+        "down_proj": torch.stack(experts_out).to(out_weight.device, out_weight.dtype),
+    }
+
+
+def _init_router(weight: torch.Tensor, moe: MoEConfig, generator: torch.Generator) -> torch.Tensor:
+    """A fresh router weight (E, d_model); `linear_default` is `nn.Linear`'s own init, as the study used."""
+    router = torch.empty(weight.shape)
+    if moe.router_init == "linear_default":
+        nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
+    elif moe.router_init == "normal":
+        nn.init.normal_(router, std=moe.router_init_std, generator=generator)
+    else:
+        nn.init.zeros_(router)
+    return router
+
+
+def mixt5_config_from_dense(
+    dense_config: Any, moe: MoEConfig, layer_indices: dict[str, list[int]], provenance: dict[str, Any]
+) -> MixT5Config:
+    """A `MixT5Config` carrying every field of a dense T5/MT5 config plus the MoE settings."""
+    values = {k: v for k, v in dense_config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED}
+    if getattr(dense_config, "scale_decoder_outputs", None) is None:
+        values["scale_decoder_outputs"] = False  # MT5 never rescales the decoder output before `lm_head`
+    return MixT5Config(moe=moe, moe_layer_indices=layer_indices, upcycled_from=provenance, **values)
+
+
+def provenance_for(model: PreTrainedModel, moe: MoEConfig, base_model: str | None = None) -> dict[str, Any]:
+    """What the config records about where an upcycled model came from."""
+    record: dict[str, Any] = {
+        "base_model": base_model or model.config.name_or_path or None,
+        "base_model_type": model.config.model_type,
+        "base_architecture": type(model).__name__,
+        "method": moe.expert_init,
+        "seed": moe.seed,
+    }
+    if moe.expert_init == "noisytune":
+        record["noise_lambda"] = moe.noise_lambda
+    elif moe.expert_init == "drop_upcycling":
+        record["drop_ratio"] = moe.drop_ratio
+    elif moe.expert_init == "gaussian":
+        record["noise_std"] = moe.noise_std
+    return record
+
+
+def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base_model: str | None = None) -> Any:
+    """Turn a dense T5-family model into a sparse MixT5 model (peft-style: one call on a stock model).
+
+    Each configured block's FF sub-layer becomes a router plus `num_experts` experts made from its weights. All
+    other weights are shared with `model`, not copied (as peft wraps the model it is given): keep using the
+    returned model, or `copy.deepcopy(model)` first if the dense one must stay independent.
+
+    Raises:
+        TypeError: `model` is not a T5-family model.
+        ValueError: `moe_config` names blocks the model does not have, or expert-choice routing in a decoder.
+    Bad input raises before anything is changed.
+    """
+    moe = moe_config if moe_config is not None else MoEConfig()
+    if not isinstance(moe, MoEConfig):
+        raise TypeError(f"moe_config must be a MoEConfig, got {type(moe).__name__}.")
+    target_class = _target_class(model)
+    stacks = {"encoder": model.encoder}
+    if getattr(model, "decoder", None) is not None:
+        stacks["decoder"] = model.decoder
+    layer_indices = moe.resolve_layers({name: len(stack.block) for name, stack in stacks.items()})
+    config = mixt5_config_from_dense(
+        model.config, moe, {**{"encoder": [], "decoder": []}, **layer_indices}, provenance_for(model, moe, base_model)
+    )
+
+    with torch.device("meta"):
+        moe_model = target_class(config)
+    moe_state = moe_model.state_dict()
+    state = {name: tensor for name, tensor in model.state_dict().items() if name in moe_state}
+    for stack_name, indices in layer_indices.items():
+        for block in indices:
+            generator = _layer_generator(moe.seed, stack_name, block)
+            prefix = f"{stack_name}.block.{block}.layer.{len(stacks[stack_name].block[block].layer) - 1}"
+            dense_ff = stacks[stack_name].block[block].layer[-1].DenseReluDense
+            for name, tensor in build_experts(dense_ff, moe, generator).items():
+                state[f"{prefix}.experts.{name}"] = tensor
+            router_weight = moe_state[f"{prefix}.router.weight"]
+            device, dtype = dense_ff.wo.weight.device, dense_ff.wo.weight.dtype
+            state[f"{prefix}.router.weight"] = _init_router(router_weight, moe, generator).to(device, dtype)
+            if f"{prefix}.router.noise_weight" in moe_state:
+                state[f"{prefix}.router.noise_weight"] = torch.zeros(router_weight.shape, device=device, dtype=dtype)
+    missing = sorted(set(moe_state) - set(state))
+    if missing:
+        raise RuntimeError(f"upcycle() has no weights for {missing[:5]} (dense model {type(model).__name__}).")
+    moe_model.load_state_dict(state, assign=True, strict=True)
+    moe_model.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        moe_model.generation_config = copy.deepcopy(model.generation_config)
+    moe_model.train(model.training)
+    return moe_model
