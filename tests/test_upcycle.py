@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from tiny import VARIANTS, batch, tiny_config, tiny_dense, tiny_encoder
 from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding, BertConfig, BertModel
 
 from mixt5 import MixT5Config, MixT5EncoderModel, MixT5ForConditionalGeneration, MoEConfig, upcycle
 from mixt5.modeling import MixT5LayerSparseFF
+from tiny import VARIANTS, batch, tiny_config, tiny_dense, tiny_encoder
 
 
 def _logits(model, inputs):
@@ -143,7 +143,9 @@ def _dense_ff(variant="t5-v1.1-gated-gelu", **overrides):
 @pytest.mark.parametrize("noise_lambda", [0.1, 0.3])
 def test_noisytune_statistics(noise_lambda):
     dense, wi_0, wi_1, wo = _dense_ff()
-    model = upcycle(dense, MoEConfig(num_experts=4, expert_init="noisytune", noise_lambda=noise_lambda, seed=1, moe_layers="all"))
+    model = upcycle(
+        dense, MoEConfig(num_experts=4, expert_init="noisytune", noise_lambda=noise_lambda, seed=1, moe_layers="all")
+    )
     experts = _experts_of(model).experts
     d_ff = wi_0.shape[0]
     for e in range(4):
@@ -168,7 +170,9 @@ def test_noisytune_statistics(noise_lambda):
 def test_expert_inits_are_seeded():
     def init(seed, method):
         dense, *_ = _dense_ff()
-        return _experts_of(upcycle(dense, MoEConfig(num_experts=3, expert_init=method, seed=seed, moe_layers="all"))).experts
+        return _experts_of(
+            upcycle(dense, MoEConfig(num_experts=3, expert_init=method, seed=seed, moe_layers="all"))
+        ).experts
 
     for method in ("noisytune", "drop_upcycling", "gaussian"):
         assert torch.equal(init(5, method).gate_up_proj, init(5, method).gate_up_proj)
@@ -183,13 +187,18 @@ def test_drop_upcycling_reinitialises_exact_fraction(variant, ratio):
     in_mats = [ff.wi_0.weight.detach().clone(), ff.wi_1.weight.detach().clone()] if hasattr(ff, "wi_0") else None
     in_mats = in_mats or [ff.wi.weight.detach().clone()]
     wo = ff.wo.weight.detach().clone()
-    model = upcycle(dense, MoEConfig(num_experts=4, expert_init="drop_upcycling", drop_ratio=ratio, seed=2, moe_layers="all"))
+    model = upcycle(
+        dense, MoEConfig(num_experts=4, expert_init="drop_upcycling", drop_ratio=ratio, seed=2, moe_layers="all")
+    )
     experts = _experts_of(model).experts
     up = experts.gate_up_proj if variant != "t5-v1.0-relu" else experts.up_proj
     d_ff = wo.shape[1]
     unit_sets = []
     for e in range(4):
-        changed = [set((up[e, i * d_ff : (i + 1) * d_ff] != m).any(dim=1).nonzero().flatten().tolist()) for i, m in enumerate(in_mats)]
+        changed = [
+            set((up[e, i * d_ff : (i + 1) * d_ff] != m).any(dim=1).nonzero().flatten().tolist())
+            for i, m in enumerate(in_mats)
+        ]
         changed_out = set((experts.down_proj[e] != wo).any(dim=0).nonzero().flatten().tolist())
         assert len(changed_out) == round(ratio * d_ff)
         assert all(c == changed_out for c in changed)  # the same units in all three matrices
@@ -305,7 +314,9 @@ def test_upcycle_rejects_non_t5_model_by_type():
 
 
 def test_expert_choice_allowed_in_encoder_only():
-    moe = MoEConfig(num_experts=4, top_k=2, router_type="expert_choice", decoder_router_type="topk", moe_layers="last:1")
+    moe = MoEConfig(
+        num_experts=4, top_k=2, router_type="expert_choice", decoder_router_type="topk", moe_layers="last:1"
+    )
     model = upcycle(tiny_dense(), moe)
     assert model.encoder.block[3].layer[-1].router.router_type == "expert_choice"
     assert model.decoder.block[2].layer[-1].router.router_type == "topk"
