@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
@@ -54,3 +56,40 @@ def batch(seed: int = 0, batch_size: int = 3, src_len: int = 9, tgt_len: int = 5
         attention_mask[-1, -3:] = 0
         labels[-1, -2:] = -100
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+SAMPLE_SQUAD = Path(__file__).resolve().parents[1] / "src" / "mixt5" / "resources" / "squad_dev_sample.json"
+
+
+def word_tokenizer(texts):
+    """A fast word-level tokenizer over `texts` (pad 0, eos 1, unk 2; appends </s>), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    splitter = pre_tokenizers.WhitespaceSplit()
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = splitter
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    from tokenizers import decoders
+
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_qa_model(path, seed: int = 0) -> Path:
+    """A tiny random dense T5 plus a word tokenizer covering the shipped SQuAD sample, saved to `path`."""
+    from mixt5.data.squad import load_squad_json
+
+    examples = load_squad_json(SAMPLE_SQUAD)
+    texts = [f"question: {e.question} context: {e.context}" for e in examples] + [
+        a for e in examples for a in e.answers
+    ]
+    tokenizer = word_tokenizer(texts)
+    model = tiny_dense(seed=seed, vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)

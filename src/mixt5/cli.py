@@ -80,7 +80,111 @@ def run_convert_seed(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_train(argv: Sequence[str]) -> int:
+    from .train import parse_train_args, run_training
+
+    metrics = run_training(*parse_train_args(argv))
+    print(json.dumps(metrics.get("eval", metrics["train"]), indent=2))
+    return 0
+
+
+def run_evaluate(argv: Sequence[str]) -> int:
+    from .train import parse_evaluate_args, run_evaluation
+
+    print(json.dumps(run_evaluation(*parse_evaluate_args(argv)), indent=2))
+    return 0
+
+
+@dataclass
+class PredictArguments:
+    model_name_or_path: str = field(metadata={"help": "Fine-tuned checkpoint (dense or MixT5)."})
+    question: str | None = field(default=None, metadata={"help": "One question (with --context)."})
+    context: str | None = field(default=None, metadata={"help": "The paragraph that holds the answer."})
+    input_file: str | None = field(default=None, metadata={"help": "JSON Lines of {id, question, context}."})
+    output_file: str | None = field(default=None, metadata={"help": "JSON Lines of {id, answer[, routing]}."})
+    show_routing: bool = field(default=False, metadata={"help": "Also show the experts each token went to."})
+    batch_size: int = field(default=16, metadata={"help": "Questions per generate() call."})
+    prompt_format: str = field(default="t5", metadata={"help": "t5 or seed, as in training."})
+    max_sequence_length: int = field(default=512, metadata={"help": "Input tokens kept."})
+    generation_max_length: int = field(default=30, metadata={"help": "Max answer tokens."})
+    generation_num_beams: int = field(default=1, metadata={"help": "Beams (1: greedy)."})
+
+
+def _read_questions(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+            missing = [key for key in ("question", "context") if not isinstance(row.get(key), str)]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing or non-string {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def run_predict(argv: Sequence[str]) -> int:
+    from .predict import QAPredictor, format_routing
+    from .utils import write_jsonl_atomic
+
+    (args,) = HfArgumentParser(PredictArguments, prog="mixt5 predict").parse_args_into_dataclasses(args=list(argv))
+    if args.input_file is None and (args.question is None or args.context is None):
+        raise ValueError("give --question and --context, or --input_file (with --output_file).")
+    rows = _read_questions(args.input_file) if args.input_file else None
+    predictor = QAPredictor(
+        args.model_name_or_path,
+        prompt_format=args.prompt_format,
+        max_source_length=args.max_sequence_length,
+        max_length=args.generation_max_length,
+        num_beams=args.generation_num_beams,
+    )
+    if rows is None:
+        (result,) = predictor.answer([args.question], [args.context], show_routing=args.show_routing)
+        print(result["answer"])
+        if "routing" in result:
+            print(format_routing(result["routing"]))
+        return 0
+    outputs = []
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start : start + args.batch_size]
+        answers = predictor.answer(
+            [r["question"] for r in chunk], [r["context"] for r in chunk], show_routing=args.show_routing
+        )
+        outputs += [
+            {"id": r.get("id", str(start + i)), **a} for i, (r, a) in enumerate(zip(chunk, answers, strict=True))
+        ]
+    if args.output_file:
+        write_jsonl_atomic(args.output_file, outputs)
+        print(f"wrote {len(outputs)} answers to {args.output_file}")
+    else:
+        for row in outputs:
+            print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def run_score(argv: Sequence[str]) -> int:
+    import argparse
+
+    from .metrics import score_files
+
+    parser = argparse.ArgumentParser(prog="mixt5 score", description="Official SQuAD v1.1 EM/F1 of a predictions file.")
+    parser.add_argument("dataset_file", help="SQuAD v1.1 JSON (the gold answers)")
+    parser.add_argument("prediction_file", help="JSON object {question id: predicted answer}")
+    parser.add_argument("--full", action="store_true", help="also print counts and the study's non-standard variant")
+    args = parser.parse_args(list(argv))
+    print(json.dumps(score_files(args.dataset_file, args.prediction_file, full=args.full)))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "train": (run_train, "fine-tune a T5 (dense, or upcycled with --enable_moe) on SQuAD-style QA"),
+    "evaluate": (run_evaluate, "score any checkpoint with the official SQuAD EM/F1"),
+    "predict": (run_predict, "answer questions about a context (optionally showing the routing)"),
+    "score": (run_score, "score a predictions file like the official evaluate-v1.1.py"),
     "upcycle": (run_upcycle, "turn a dense T5 checkpoint into a sparse MixT5 one"),
     "convert-seed": (run_convert_seed, "convert a checkpoint written by the study's fork"),
 }

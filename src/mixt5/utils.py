@@ -32,18 +32,19 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
-    """Write `obj` as UTF-8 JSON so that readers see either the old file or the whole new one, never a partial write.
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """Open `path` for writing so that readers see either the old file or the whole new one, never a partial write.
 
-    The JSON goes to a temporary file in the same directory, is flushed and fsynced, then moved over `path` with
-    `os.replace`. The file gets mode 0o644.
+    Text goes to a temporary file in the same directory, which is flushed, fsynced and moved over `path` with
+    `os.replace` (mode 0o644) when the block ends without error; on error it is removed and `path` is untouched.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -51,6 +52,20 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Write `obj` as UTF-8 JSON atomically (see `atomic_write`)."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[Any]) -> None:
+    """Write one JSON object per line, atomically (see `atomic_write`)."""
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager

@@ -146,7 +146,10 @@ class MixT5PreTrainedModel(T5PreTrainedModel):
 
     @contextmanager
     def collect_routing(self) -> Iterator[dict[str, list[RouterOutput]]]:
-        """Collect every MoE layer's `RouterOutput` during the enclosed calls, per stack, in call order."""
+        """Collect every MoE layer's `RouterOutput` during the enclosed calls, per stack, in call order.
+
+        Nests: an enclosing collection (e.g. around `generate()`, whose steps call `forward`) receives the records too.
+        """
         records: dict[str, list[RouterOutput]] = {"encoder": [], "decoder": []}
         layers = list(self.sparse_layers())
         previous = [layer.routing_records for _, _, layer in layers]
@@ -155,8 +158,13 @@ class MixT5PreTrainedModel(T5PreTrainedModel):
         try:
             yield records
         finally:
-            for (_, _, layer), old in zip(layers, previous, strict=True):
+            outer: dict[str, list[RouterOutput]] = {}
+            for (stack_name, _, layer), old in zip(layers, previous, strict=True):
                 layer.routing_records = old
+                if old is not None:
+                    outer[stack_name] = old
+            for stack_name, old in outer.items():
+                old.extend(records[stack_name])
 
 
 class MixT5ForConditionalGeneration(MixT5PreTrainedModel, T5ForConditionalGeneration):

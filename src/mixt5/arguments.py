@@ -1,0 +1,151 @@
+"""Command-line argument dataclasses of `mixt5 train` / `evaluate`, parsed with `HfArgumentParser`.
+
+The study's own flags (`--pretrained_model_name_or_path`, `--save_dir`, `--wandb_model_name`, `--use_wandb`,
+`--project_name`, `--entity`, `--evaluation_strategy`, `--max_sequence_length`) are aliases or fields here, so its
+README command runs unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal, get_type_hints
+
+from transformers import Seq2SeqTrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+from .config import MoEConfig
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint to fine-tune or evaluate (hub id or folder).",
+            "aliases": ["--pretrained_model_name_or_path"],
+        },
+    )
+    reference_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Dense source of the weights (and experts) when upcycling; defaults to the model."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    enable_moe: bool = field(default=False, metadata={"help": "Upcycle the dense checkpoint into a sparse MoE first."})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "Experts kernel: eager (MixT5's dispatch), grouped_mm, batched_mm, ..."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path (or --pretrained_model_name_or_path) is required.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub data set, e.g. `squad` (via datasets)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name, if any."})
+    train_file: str | None = field(default=None, metadata={"help": "SQuAD v1.1 JSON (.json/.json.gz) or JSON Lines."})
+    validation_file: str | None = field(default=None, metadata={"help": "SQuAD v1.1 JSON or JSON Lines to score."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training questions."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation questions."})
+    prompt_format: Literal["t5", "seed"] = field(
+        default="t5",
+        metadata={"help": "t5: `question: q context: c`; seed: the study's `[squad][question]q[context]c`."},
+    )
+    max_sequence_length: int = field(
+        default=512, metadata={"help": "Input tokens kept (the rest is cut).", "aliases": ["--max_source_length"]}
+    )
+    max_target_length: int = field(default=32, metadata={"help": "Answer tokens kept as the training target."})
+    strict_data: bool = field(default=False, metadata={"help": "Make a bad answer_start an error, not a warning."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_sequence_length", "max_target_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+
+def _moe_argument_fields() -> list[tuple[str, object, dataclasses.Field]]:
+    """MoEConfig's fields as CLI fields; its `seed` becomes `--moe_seed` (Trainer owns `--seed`)."""
+    hints = get_type_hints(MoEConfig)
+    fields = [
+        (f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata)))
+        for f in dataclasses.fields(MoEConfig)
+        if f.name != "seed"
+    ]
+    fields.append(
+        ("moe_seed", int | None, field(default=None, metadata={"help": "Seed of the expert init; defaults to --seed."}))
+    )
+    return fields
+
+
+MoEArguments = dataclasses.make_dataclass("MoEArguments", _moe_argument_fields())
+MoEArguments.__doc__ = "Every MoEConfig field as a flag (defaults: the study's 8 experts, top-2, last:6)."
+
+
+def moe_config_from_arguments(moe_args: object, seed: int) -> MoEConfig:
+    values = dataclasses.asdict(moe_args)
+    moe_seed = values.pop("moe_seed")
+    return MoEConfig(**values, seed=seed if moe_seed is None else moe_seed)
+
+
+@dataclass
+class MixT5TrainingArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` with the study's defaults and flag names."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where checkpoints, the model and metrics go.", "aliases": ["--save_dir"]}
+    )
+    run_name: str | None = field(default=None, metadata={"help": "Run name (W&B).", "aliases": ["--wandb_model_name"]})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate (the study's 1e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    eval_strategy: IntervalStrategy | str = field(
+        default="epoch",
+        metadata={"help": "When to evaluate: no | steps | epoch.", "aliases": ["--evaluation_strategy"]},
+    )
+    save_strategy: SaveStrategy | str = field(default="epoch", metadata={"help": "When to save: no | steps | epoch."})
+    load_best_model_at_end: bool | None = field(
+        default=None, metadata={"help": "Keep the best checkpoint by F1; on by default when eval and save match."}
+    )
+    metric_for_best_model: str | None = field(default="f1", metadata={"help": "Metric that picks the best checkpoint."})
+    predict_with_generate: bool = field(default=True, metadata={"help": "Evaluate by generating answers."})
+    generation_max_length: int | None = field(default=30, metadata={"help": "Max tokens of a generated answer."})
+    generation_num_beams: int | None = field(default=1, metadata={"help": "Beams (1: greedy)."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "random | sequential | group_by_length | batch_rebalance.",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
+        },
+    )
+    use_wandb: bool = field(default=False, metadata={"help": "Report to Weights & Biases (same as --report_to wandb)."})
+    project_name: str | None = field(default=None, metadata={"help": "W&B project (sets WANDB_PROJECT)."})
+    entity: str | None = field(default=None, metadata={"help": "W&B entity (sets WANDB_ENTITY)."})
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("--output_dir (or --save_dir) is required.")
+        if self.use_wandb:
+            reports = (
+                []
+                if self.report_to in (None, "none")
+                else list(self.report_to if isinstance(self.report_to, list) else [self.report_to])
+            )
+            self.report_to = sorted({*reports, "wandb"})
+        if self.project_name:
+            os.environ["WANDB_PROJECT"] = self.project_name
+        if self.entity:
+            os.environ["WANDB_ENTITY"] = self.entity
+        if self.load_best_model_at_end is None:
+            eval_strategy, save_strategy = (
+                str(getattr(self.eval_strategy, "value", self.eval_strategy)),
+                str(getattr(self.save_strategy, "value", self.save_strategy)),
+            )
+            self.load_best_model_at_end = eval_strategy != "no" and eval_strategy == save_strategy
+        super().__post_init__()

@@ -1,0 +1,149 @@
+"""Answer questions about a context with any checkpoint, optionally showing which experts each token used."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .data.squad import PromptFormat, format_prompt
+from .modeling import MixT5PreTrainedModel
+from .modeling.router import RouterOutput
+
+
+@dataclass
+class LayerRouting:
+    """Which experts (and with what weight) each token of one MoE layer went to."""
+
+    layer: str  # e.g. "encoder.6"
+    tokens: list[str]
+    experts: list[list[int]]  # per token, the experts it used (capacity-dropped slots left out)
+    weights: list[list[float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "tokens": self.tokens, "experts": self.experts, "weights": self.weights}
+
+
+class QAPredictor:
+    """Greedy (or beam) answers from a fine-tuned checkpoint, as `mixt5 predict` and the server use them."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        prompt_format: PromptFormat = "t5",
+        max_source_length: int = 512,
+        max_length: int = 30,
+        num_beams: int = 1,
+        device: str | None = None,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
+        self.model = model or AutoModelForSeq2SeqLM.from_pretrained(model_name_or_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device).eval()
+        self.model_name = model_name_or_path
+        self.prompt_format = prompt_format
+        self.max_source_length = max_source_length
+        self.max_length = max_length  # as Seq2SeqTrainer's generation_max_length: decoder tokens incl. the start
+        self.num_beams = num_beams
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.model, MixT5PreTrainedModel)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        *,
+        show_routing: bool = False,
+        max_length: int | None = None,
+        num_beams: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """One `{"answer": str}` per question (plus `"routing"` with `show_routing` on a MixT5 model)."""
+        if len(questions) != len(contexts):
+            raise ValueError(f"got {len(questions)} questions but {len(contexts)} contexts")
+        num_beams = num_beams or self.num_beams
+        if show_routing and num_beams != 1:
+            raise ValueError("routing is shown for greedy decoding only (num_beams=1)")
+        prompts = [format_prompt(q, c, self.prompt_format) for q, c in zip(questions, contexts, strict=True)]
+        inputs = self.tokenizer(
+            prompts, max_length=self.max_source_length, truncation=True, padding=True, return_tensors="pt"
+        ).to(self.device)
+        generate_kwargs = {"max_length": max_length or self.max_length, "num_beams": num_beams}
+        if show_routing and self.is_moe:
+            with self.model.collect_routing() as records:
+                sequences = self.model.generate(**inputs, **generate_kwargs, do_sample=False)
+        else:
+            records, sequences = None, self.model.generate(**inputs, **generate_kwargs, do_sample=False)
+        answers = [text.strip() for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+        results: list[dict[str, Any]] = [{"answer": answer} for answer in answers]
+        if records is not None:
+            for row, result in enumerate(results):
+                result["routing"] = self._routing(records, inputs, sequences, row)
+        return results
+
+    def _routing(
+        self, records: dict[str, list[RouterOutput]], inputs: Any, sequences: torch.Tensor, row: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Per MoE layer, the experts of each input token (encoder) and of each generated token (decoder)."""
+        num_experts = self.model.config.num_experts
+        layer_names = {"encoder": [], "decoder": []}
+        for stack, block, _ in self.model.sparse_layers():
+            layer_names[stack].append(f"{stack}.{block}")
+        batch_size, src_len = inputs["input_ids"].shape
+        num_inputs = int(inputs["attention_mask"][row].sum())
+        input_tokens = self.tokenizer.convert_ids_to_tokens(inputs["input_ids"][row, :num_inputs].tolist())
+        routing: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder": []}
+        for name, record in zip(layer_names["encoder"], records["encoder"], strict=True):
+            index = record.expert_index.view(batch_size, src_len, -1)[row, :num_inputs]
+            weight = record.expert_weights.view(batch_size, src_len, -1)[row, :num_inputs]
+            routing["encoder"].append(_layer_routing(name, input_tokens, index, weight, num_experts).to_dict())
+        # decoder: one record per layer per generation step; step t's routing produced output token t
+        generated = sequences[row, 1:].tolist()
+        stop = self.tokenizer.eos_token_id
+        length = generated.index(stop) + 1 if stop in generated else len(generated)
+        output_tokens = self.tokenizer.convert_ids_to_tokens(generated[:length])
+        num_layers = len(layer_names["decoder"])
+        for i, name in enumerate(layer_names["decoder"]):
+            steps = records["decoder"][i::num_layers][:length]
+            index = torch.cat(
+                [step.expert_index.view(batch_size, -1, step.expert_index.shape[-1])[row, -1:] for step in steps]
+            )
+            weight = torch.cat(
+                [step.expert_weights.view(batch_size, -1, step.expert_weights.shape[-1])[row, -1:] for step in steps]
+            )
+            routing["decoder"].append(
+                _layer_routing(name, output_tokens[: len(steps)], index, weight, num_experts).to_dict()
+            )
+        return routing
+
+
+def _layer_routing(
+    name: str, tokens: list[str], index: torch.Tensor, weight: torch.Tensor, num_experts: int
+) -> LayerRouting:
+    experts, weights = [], []
+    for token_index, token_weight in zip(index.tolist(), weight.tolist(), strict=True):
+        used = [(e, w) for e, w in zip(token_index, token_weight, strict=True) if e != num_experts]
+        used.sort(key=lambda pair: -pair[1])
+        experts.append([e for e, _ in used])
+        weights.append([round(w, 4) for _, w in used])
+    return LayerRouting(name, tokens, experts, weights)
+
+
+def format_routing(routing: dict[str, list[dict[str, Any]]]) -> str:
+    """Readable lines: per layer, each token with its experts (top-1 first)."""
+    lines = []
+    for stack in ("encoder", "decoder"):
+        for layer in routing[stack]:
+            cells = [
+                f"{tok}→{'/'.join(map(str, ex))}" for tok, ex in zip(layer["tokens"], layer["experts"], strict=True)
+            ]
+            lines.append(f"{layer['layer']:>11}: " + " ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""`mixt5 train` / `mixt5 evaluate`: SQuAD as text-to-text QA on `Seq2SeqTrainer`, dense or upcycled to MoE.
+
+build model → load and tokenise data → `MixT5Trainer` → train → evaluate → write the model, predictions.json and
+metrics.json into `output_dir`. One code path for one process and for `accelerate launch` / `torchrun`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from .arguments import DataArguments, MixT5TrainingArguments, ModelArguments, MoEArguments, moe_config_from_arguments
+from .config import MoEConfig
+from .data.sources import load_split
+from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
+from .modeling import MixT5PreTrainedModel
+from .trainer import MixT5Trainer, SquadEvaluator
+from .upcycle import upcycle
+from .utils import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not tokenizer.is_fast:
+        raise ValueError(f"the tokenizer of {name} is not a fast (tokenizers-backed) one; MixT5 needs offsets.")
+    return tokenizer
+
+
+def build_model(model_args: ModelArguments, moe: MoEConfig | None) -> PreTrainedModel:
+    """Load the checkpoint; with `moe` (i.e. `--enable_moe`), upcycle it unless it already is a MixT5 model."""
+    source = model_args.reference_model_name_or_path or model_args.model_name_or_path
+    model = AutoModelForSeq2SeqLM.from_pretrained(source)
+    if moe is not None and not isinstance(model, MixT5PreTrainedModel):
+        model = upcycle(model, moe, base_model=source)
+        logger.info(
+            "Upcycled %s: MoE blocks %s, %d experts, top-%d",
+            source,
+            model.config.moe_layer_indices,
+            moe.num_experts,
+            moe.top_k,
+        )
+    elif moe is not None:
+        logger.info("%s is already a MixT5 model; its own MoE settings are kept.", source)
+    if model_args.experts_implementation and isinstance(model, MixT5PreTrainedModel):
+        model.set_experts_implementation(model_args.experts_implementation)
+    return model
+
+
+def prepare_features(
+    examples: SquadExamples, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, split: str
+) -> tuple[Any, Any]:
+    features, stats = tokenize_dataset(
+        examples_to_dataset(examples),
+        tokenizer,
+        prompt_format=data_args.prompt_format,
+        max_source_length=data_args.max_sequence_length,
+        max_target_length=data_args.max_target_length,
+        num_proc=data_args.preprocessing_num_workers,
+    )
+    logger.info(
+        "%s: %d of %d answers fall (partly) beyond max_sequence_length=%d",
+        split,
+        stats.num_answers_cut,
+        stats.num_examples,
+        data_args.max_sequence_length,
+    )
+    return features, stats
+
+
+def _save_final(trainer: MixT5Trainer, output_dir: str) -> None:
+    """Save model, tokenizer, config (MoE settings included) and training arguments; each file lands atomically."""
+    staging = Path(output_dir) / ".final-staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))  # every rank calls it (collective under FSDP/DeepSpeed); rank 0 writes
+    if trainer.is_world_process_zero():
+        write_json_atomic(staging / "training_args.json", trainer.args.to_dict())
+        for item in staging.iterdir():
+            os.replace(item, Path(output_dir) / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_results(
+    trainer: MixT5Trainer, output_dir: str, metrics: dict[str, Any], evaluator: SquadEvaluator | None
+) -> None:
+    if not trainer.is_world_process_zero():
+        return
+    if evaluator is not None and evaluator.last_predictions:
+        write_json_atomic(Path(output_dir) / "predictions.json", evaluator.last_predictions)
+    write_json_atomic(Path(output_dir) / "metrics.json", metrics)
+
+
+def _resolve_resume(training_args: MixT5TrainingArguments) -> str | bool | None:
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "latest", "True", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            logger.warning(
+                "--resume_from_checkpoint %s: no checkpoint in %s; starting fresh.", resume, training_args.output_dir
+            )
+        return last
+    if resume and not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+    return resume
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    moe_args: Any,
+    training_args: MixT5TrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
+    """Fine-tune and evaluate; returns `{"train": ..., "eval": ...}` metrics (also written to metrics.json)."""
+    if not (data_args.train_file or data_args.dataset_name):
+        raise ValueError("mixt5 train needs --train_file or --dataset_name.")
+    set_seed(training_args.seed)
+    train_examples = load_split(data_args, "train")
+    eval_examples = load_split(data_args, "validation")
+    if eval_examples is None and training_args.eval_strategy != "no":
+        logger.info("No validation data: evaluation and best-checkpoint selection are off.")
+        training_args.eval_strategy = "no"
+        training_args.load_best_model_at_end = False
+    resume = _resolve_resume(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    moe = moe_config_from_arguments(moe_args, training_args.seed) if model_args.enable_moe else None
+    model = build_model(model_args, moe)
+    add_prompt_special_tokens(tokenizer, model, data_args.prompt_format)
+
+    with training_args.main_process_first(desc="tokenising"):
+        train_features, train_stats = prepare_features(train_examples, tokenizer, data_args, "train")
+        eval_features, eval_stats, evaluator = None, None, None
+        if eval_examples is not None:
+            eval_features, eval_stats = prepare_features(eval_examples, tokenizer, data_args, "validation")
+            evaluator = SquadEvaluator(eval_examples, tokenizer, eval_stats)
+
+    pad_to = 8 if training_args.fp16 or training_args.bf16 else None
+    trainer = MixT5Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_features,
+        eval_dataset=eval_features,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(
+            tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to
+        ),
+        compute_metrics=evaluator,
+        callbacks=list(callbacks),
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics: dict[str, Any] = {
+        "train": {
+            **train_result.metrics,
+            "train_samples": len(train_examples),
+            "train_answers_cut_by_truncation": train_stats.num_answers_cut,
+        }
+    }
+    _save_final(trainer, training_args.output_dir)
+    if eval_features is not None:
+        metrics["eval"] = trainer.evaluate()
+    trainer.log_metrics("train", metrics["train"])
+    if "eval" in metrics:
+        trainer.log_metrics("eval", metrics["eval"])
+    _write_results(trainer, training_args.output_dir, metrics, evaluator)
+    trainer.save_state()
+    return metrics
+
+
+def run_evaluation(
+    model_args: ModelArguments, data_args: DataArguments, training_args: MixT5TrainingArguments
+) -> dict[str, Any]:
+    """Score any checkpoint, dense or MoE, on a validation set; writes predictions.json and metrics.json."""
+    examples = load_split(data_args, "validation")
+    if examples is None:
+        raise ValueError("mixt5 evaluate needs --validation_file or --dataset_name.")
+    tokenizer = load_tokenizer(model_args)
+    model = build_model(model_args, None)
+    add_prompt_special_tokens(tokenizer, model, data_args.prompt_format)
+    features, stats = prepare_features(examples, tokenizer, data_args, "validation")
+    evaluator = SquadEvaluator(examples, tokenizer, stats)
+    trainer = MixT5Trainer(
+        model=model,
+        args=training_args,
+        eval_dataset=features,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        compute_metrics=evaluator,
+    )
+    metrics = trainer.evaluate()
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    _write_results(trainer, training_args.output_dir, metrics, evaluator)
+    return metrics
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[Any, ...]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MoEArguments, MixT5TrainingArguments), prog="mixt5 train")
+    return parser.parse_args_into_dataclasses(args=list(argv))
+
+
+def parse_evaluate_args(argv: Sequence[str]) -> tuple[Any, ...]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MixT5TrainingArguments), prog="mixt5 evaluate")
+    return parser.parse_args_into_dataclasses(args=list(argv))

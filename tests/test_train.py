@@ -1,0 +1,196 @@
+"""`mixt5 train` → `evaluate` → `predict` → `score` end to end on a tiny model, offline; kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mixt5.cli import main
+from mixt5.train import parse_train_args
+from tiny import SAMPLE_SQUAD, save_tiny_qa_model
+
+EVAL_SAMPLES = 8
+
+
+def _train_argv(model_dir, output_dir, *extra):
+    # the study's README flags, unchanged, plus small sizes
+    return [
+        "train",
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--reference_model_name_or_path", str(model_dir),
+        "--save_dir", str(output_dir),
+        "--save_strategy", "epoch",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4",
+        "--learning_rate", "1e-3",
+        "--num_train_epochs", "2",
+        "--wandb_model_name", "tiny_run",
+        "--project_name", "moe",
+        "--gradient_accumulation_steps", "2",
+        "--seed", "42",
+        "--evaluation_strategy", "epoch",
+        "--eval_accumulation_steps", "2",
+        "--weight_decay", "0.01",
+        "--max_grad_norm", "1.0",
+        "--max_sequence_length", "64",
+        "--generation_max_length", "8",
+        "--generation_num_beams", "1",
+        "--train_file", str(SAMPLE_SQUAD),
+        "--validation_file", str(SAMPLE_SQUAD),
+        "--max_train_samples", "16",
+        "--max_eval_samples", str(EVAL_SAMPLES),
+        "--use_cpu",
+        "--logging_steps", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_qa_model(tmp_path_factory):
+    return save_tiny_qa_model(tmp_path_factory.mktemp("model") / "dense")
+
+
+def test_study_flags_map_to_trainer_arguments(tmp_path):
+    model_args, data_args, moe_args, training_args = parse_train_args(
+        _train_argv("m", tmp_path / "out", "--use_wandb", "--entity", "lab")[1:]
+    )
+    assert model_args.model_name_or_path == "m" and model_args.enable_moe is False
+    assert training_args.output_dir == str(tmp_path / "out")
+    assert training_args.run_name == "tiny_run"
+    assert training_args.eval_strategy == "epoch" and training_args.load_best_model_at_end
+    assert training_args.report_to == ["wandb"]
+    assert os.environ["WANDB_PROJECT"] == "moe" and os.environ["WANDB_ENTITY"] == "lab"
+    assert data_args.max_sequence_length == 64
+    assert (moe_args.num_experts, moe_args.top_k, moe_args.moe_layers) == (8, 2, "last:6")  # the study's defaults
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("enable_moe", [False, True])
+def test_train_evaluate_predict_score(tiny_qa_model, tmp_path, capsys, enable_moe):
+    out = tmp_path / "run"
+    moe_flags = ["--enable_moe", "--num_experts", "4", "--moe_layers", "last:1"] if enable_moe else []
+    assert main(_train_argv(tiny_qa_model, out, *moe_flags)) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "training_args.json", "metrics.json"} <= files
+    assert {"predictions.json", "trainer_state.json", "checkpoint-2", "checkpoint-4"} <= files
+    assert not [name for name in files if name.startswith(".")]  # no staging left behind
+    assert "model.safetensors" in os.listdir(out / "checkpoint-2")
+    assert not [p for p in out.rglob("*.bin") if p.name == "pytorch_model.bin"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == ("mixt5" if enable_moe else "t5")
+    if enable_moe:
+        assert config["moe"]["num_experts"] == 4 and config["upcycled_from"]["seed"] == 42
+        state = json.loads((out / "trainer_state.json").read_text())
+        logged = {key for entry in state["log_history"] for key in entry}
+        assert {"moe/aux_loss", "moe/z_loss", "moe/load/encoder.1/e0", "moe/load/decoder.1/e3"} <= logged
+    metrics = json.loads((out / "metrics.json").read_text())
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == EVAL_SAMPLES == metrics["eval"]["eval_num_questions"]
+    assert "eval_exact_match_symbols_stripped" in metrics["eval"]
+    assert "train_answers_cut_by_truncation" in metrics["train"]
+    capsys.readouterr()
+
+    # evaluate the saved model: same predictions, same scores
+    assert main(["evaluate", "--model_name_or_path", str(out), "--validation_file", str(SAMPLE_SQUAD),
+                 "--max_eval_samples", str(EVAL_SAMPLES), "--output_dir", str(tmp_path / "eval"),
+                 "--per_device_eval_batch_size", "3", "--max_sequence_length", "64",
+                 "--generation_max_length", "8", "--use_cpu"]) == 0  # fmt: skip
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == predictions
+    assert evaluated["eval_f1"] == pytest.approx(metrics["eval"]["eval_f1"])
+
+    # score the predictions file like the official script
+    capsys.readouterr()
+    assert main(["score", str(SAMPLE_SQUAD), str(out / "predictions.json")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert set(scored) == {"exact_match", "f1"}
+    # the official script scores all 200 questions of the file; our eval covered the first 8
+    assert scored["f1"] == pytest.approx(metrics["eval"]["eval_f1"] * EVAL_SAMPLES / 200)
+
+    # predict: batch file and a single question agree with the evaluation's predictions
+    questions = json.loads(SAMPLE_SQUAD.read_text())["data"][0]["paragraphs"][0]
+    rows = [
+        {"id": qa["id"], "question": qa["question"], "context": questions["context"]} for qa in questions["qas"][:3]
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["predict", "--model_name_or_path", str(out), "--input_file", str(tmp_path / "in.jsonl"),
+                 "--output_file", str(tmp_path / "out.jsonl"), "--max_sequence_length", "64",
+                 "--generation_max_length", "8"]) == 0  # fmt: skip
+    answered = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answered] == [predictions[r["id"]] for r in rows]
+    capsys.readouterr()
+    flags = ["--max_sequence_length", "64", "--generation_max_length", "8"]
+    assert main(["predict", "--model_name_or_path", str(out), "--question", rows[0]["question"],
+                 "--context", rows[0]["context"], "--show_routing", *flags]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == predictions[rows[0]["id"]]
+    if enable_moe:
+        assert printed[1].strip().startswith("encoder.1:") and any("decoder.1:" in line for line in printed)
+
+
+def test_bad_data_fails_before_training(tiny_qa_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "question": "q", "context": "c", "answers": ["c"]}) + "\n"
+                   + json.dumps({"id": "b", "question": "q", "answers": ["x"]}) + "\n")  # fmt: skip
+    argv = _train_argv(tiny_qa_model, tmp_path / "out")
+    argv[argv.index("--train_file") + 1] = str(bad)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err and "context" in err
+    assert not (tmp_path / "out").exists()
+    argv = _train_argv(tiny_qa_model, tmp_path / "out", "--prompt_format", "fancy")
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "fancy" in capsys.readouterr().err
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from mixt5.train import parse_train_args, run_training
+
+    class KillAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_AT_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable kill, mid-epoch
+
+    run_training(*parse_train_args(sys.argv[1:]), callbacks=[KillAfter()])
+    """
+)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tiny_qa_model, tmp_path):
+    def argv(output_dir, *extra):
+        args = _train_argv(tiny_qa_model, output_dir, "--save_strategy", "steps", "--save_steps", "3",
+                           "--evaluation_strategy", "no", "--num_train_epochs", "3", "--enable_moe",
+                           "--num_experts", "4", "--moe_layers", "last:1", "--router_jitter_noise", "0.05", *extra)  # fmt: skip
+        return args[1:]
+
+    env = {**os.environ, "KILL_AT_STEP": "5"}  # 2 steps an epoch: killed in epoch 3, after checkpoint-3
+    killed = subprocess.run([sys.executable, "-c", KILLER, *argv(tmp_path / "resumed")], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir() and not (tmp_path / "resumed" / "metrics.json").exists()
+    assert main(["train", *argv(tmp_path / "resumed", "--resume_from_checkpoint", "last")]) == 0
+    assert main(["train", *argv(tmp_path / "straight")]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
+    straight = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())["log_history"]
+    losses = lambda history: [(e["step"], e["loss"]) for e in history if "loss" in e]  # noqa: E731
+    assert [s for s, _ in losses(resumed)][-1] == 6
+    assert losses(resumed)[-1][1] == pytest.approx(losses(straight)[-1][1], rel=1e-5)
+    for (step, loss), (step_straight, loss_straight) in zip(losses(resumed)[-2:], losses(straight)[-2:], strict=True):
+        assert step == step_straight and loss == pytest.approx(loss_straight, rel=1e-5)
+    # the final evaluation: same predictions, same scores (Trainer's `train_loss` averages only the resumed steps)
+    resumed_eval = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["eval"]
+    straight_eval = json.loads((tmp_path / "straight" / "metrics.json").read_text())["eval"]
+    for key in ("eval_exact_match", "eval_f1", "eval_loss"):
+        assert resumed_eval[key] == pytest.approx(straight_eval[key], rel=1e-5)
+    predictions = [json.loads((tmp_path / run / "predictions.json").read_text()) for run in ("resumed", "straight")]
+    assert predictions[0] == predictions[1]
