@@ -171,7 +171,8 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_qa_model, tmp_path):
     def argv(output_dir, *extra):
         args = _train_argv(tiny_qa_model, output_dir, "--save_strategy", "steps", "--save_steps", "3",
                            "--evaluation_strategy", "no", "--num_train_epochs", "3", "--enable_moe",
-                           "--num_experts", "4", "--moe_layers", "last:1", "--router_jitter_noise", "0.05", *extra)  # fmt: skip
+                           "--num_experts", "4", "--moe_layers", "last:1",
+                           "--router_jitter_noise", "0.05", *extra)  # fmt: skip
         return args[1:]
 
     env = {**os.environ, "KILL_AT_STEP": "5"}  # 2 steps an epoch: killed in epoch 3, after checkpoint-3
