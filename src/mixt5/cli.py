@@ -180,13 +180,28 @@ def run_score(argv: Sequence[str]) -> int:
     return 0
 
 
+def _module_main(module: str) -> Callable[[Sequence[str]], int]:
+    """A command implemented by `mixt5.<module>.main(argv) -> int`, imported only when run."""
+
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"mixt5.{module}").main(argv)
+
+    return run
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "demo": (_module_main("demo"), "offline demo: fine-tune a small dense T5 and its MoE copy on bundled QA"),
     "train": (run_train, "fine-tune a T5 (dense, or upcycled with --enable_moe) on SQuAD-style QA"),
     "evaluate": (run_evaluate, "score any checkpoint with the official SQuAD EM/F1"),
     "predict": (run_predict, "answer questions about a context (optionally showing the routing)"),
     "score": (run_score, "score a predictions file like the official evaluate-v1.1.py"),
     "upcycle": (run_upcycle, "turn a dense T5 checkpoint into a sparse MixT5 one"),
     "convert-seed": (run_convert_seed, "convert a checkpoint written by the study's fork"),
+    "sweep": (_module_main("sweep"), "run (or print) a sweep of training runs over arms and seeds, then aggregate"),
+    "report": (_module_main("report"), "tables and plots for a run or sweep directory"),
+    "serve": (_module_main("serve"), "HTTP API and web page: answers plus the experts each token used"),
 }
 
 
