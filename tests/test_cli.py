@@ -21,7 +21,8 @@ def test_upcycle_cli_writes_model_and_provenance(tmp_path, capsys):
     argv += ["--num_experts", "4", "--top_k", "1", "--moe_layers", "last:2", "--expert_init", "drop_upcycling"]
     argv += ["--drop_ratio", "0.25", "--seed", "3"]
     assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n") :])  # some optional packages print warnings on import
     assert summary["moe_layers"] == {"encoder": [2, 3], "decoder": [1, 2]}
     assert summary["tokenizer_saved"] is False  # the source folder has no tokenizer files
     config = json.loads((tmp_path / "moe" / "config.json").read_text())

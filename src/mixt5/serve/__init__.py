@@ -1,0 +1,31 @@
+"""`mixt5 serve`: an HTTP API and a web page that answer questions and show which experts each token used.
+
+    mixt5 serve --model_name_or_path runs/squad-moe [--host 127.0.0.1] [--port 8000] [--max_batch_size 16]
+
+`POST /v1/answer`, `POST /v1/answer:batch`, `GET /healthz`, `GET /v1/examples`, and the page at `/` (see docs/serve.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .app import create_app
+from .batcher import MicroBatcher, QueueFullError
+from .settings import ServeArguments
+
+__all__ = ["MicroBatcher", "QueueFullError", "ServeArguments", "create_app", "main"]
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parse the flags, load the model and serve it with uvicorn until interrupted."""
+    import uvicorn
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ServeArguments, prog="mixt5 serve").parse_args_into_dataclasses(args=list(argv))
+    if args.torch_threads is not None:  # process-wide, so here and not in create_app
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    app = create_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
