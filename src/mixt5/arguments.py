@@ -8,8 +8,11 @@ README command runs unchanged.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_type_hints
 
 from transformers import Seq2SeqTrainingArguments
@@ -94,6 +97,47 @@ def moe_config_from_arguments(moe_args: object, seed: int) -> MoEConfig:
     return MoEConfig(**values, seed=seed if moe_seed is None else moe_seed)
 
 
+def read_engine_config(flag: str, value: object) -> dict:
+    """The JSON object of a `--deepspeed` / `--fsdp_config` value: a file, inline JSON, or an already-loaded dict.
+
+    Raises `FileNotFoundError` / `ValueError` naming the flag and the file.
+    """
+    if isinstance(value, dict):
+        return value
+    text, where = str(value), "inline JSON"
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {text}: no such file.")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}).") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{flag} {where}: expected a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def launcher_world_size() -> int:
+    """Processes of this run, as the launcher announced them (torchrun, accelerate launch and deepspeed set WORLD_SIZE).
+
+    Read from the environment so that a bad batch is reported while parsing, before any process group starts.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int, gradient_accumulation_steps: int) -> int:
+    """`global_batch_size / (world_size * gradient_accumulation_steps)`; a `ValueError` unless it divides exactly."""
+    share = world_size * gradient_accumulation_steps
+    if global_batch_size < 1 or global_batch_size % share:
+        raise ValueError(
+            f"--global_train_batch_size {global_batch_size} does not split evenly over world size {world_size} x "
+            f"--gradient_accumulation_steps {gradient_accumulation_steps} = {share}; use a multiple of {share}."
+        )
+    return global_batch_size // share
+
+
 @dataclass
 class MixT5TrainingArguments(Seq2SeqTrainingArguments):
     """`Seq2SeqTrainingArguments` with the study's defaults and flag names."""
@@ -124,6 +168,20 @@ class MixT5TrainingArguments(Seq2SeqTrainingArguments):
             "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
         },
     )
+    global_train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training examples per optimizer step over all processes; sets --per_device_train_batch_size to "
+            "it / (processes x gradient_accumulation_steps), which must divide it exactly."
+        },
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. False: every MoE layer gives each of its parameters a (zero) "
+            "gradient in every step by design, so DDP needs no extra graph traversal per step."
+        },
+    )
     use_wandb: bool = field(default=False, metadata={"help": "Report to Weights & Biases (same as --report_to wandb)."})
     project_name: str | None = field(default=None, metadata={"help": "W&B project (sets WANDB_PROJECT)."})
     entity: str | None = field(default=None, metadata={"help": "W&B entity (sets WANDB_ENTITY)."})
@@ -131,6 +189,19 @@ class MixT5TrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("--output_dir (or --save_dir) is required.")
+        # Checked before anything is loaded, with the flag and file named (transformers' own errors name neither).
+        if self.deepspeed is not None:
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError("--deepspeed needs the deepspeed package: pip install deepspeed")
+            read_engine_config("--deepspeed", self.deepspeed)
+        if self.fsdp_config is not None:
+            if not self.fsdp:
+                raise ValueError(f"--fsdp_config {self.fsdp_config} has no effect without --fsdp: add --fsdp.")
+            read_engine_config("--fsdp_config", self.fsdp_config)
+        if self.global_train_batch_size is not None:
+            self.per_device_train_batch_size = per_device_batch_size(
+                self.global_train_batch_size, launcher_world_size(), self.gradient_accumulation_steps
+            )
         if self.use_wandb:
             reports = (
                 []
@@ -149,3 +220,11 @@ class MixT5TrainingArguments(Seq2SeqTrainingArguments):
             )
             self.load_best_model_at_end = eval_strategy != "no" and eval_strategy == save_strategy
         super().__post_init__()
+        if self.global_train_batch_size is not None:
+            actual = self.train_batch_size * self.gradient_accumulation_steps * self.world_size
+            if actual != self.global_train_batch_size:  # e.g. one process driving several GPUs (DataParallel)
+                raise ValueError(
+                    f"--global_train_batch_size {self.global_train_batch_size}: this run would train on {actual} "
+                    f"examples per step ({self.world_size} processes, {self.n_gpu} GPUs each); start one process per "
+                    "GPU with torchrun or accelerate launch."
+                )

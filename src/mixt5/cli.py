@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import HfArgumentParser
 
@@ -22,24 +23,47 @@ logger = logging.getLogger("mixt5")
 
 @dataclass
 class UpcycleArguments:
-    model_name_or_path: str = field(metadata={"help": "Dense T5/MT5 checkpoint: a hub id or a local folder."})
+    model_name_or_path: str = field(
+        metadata={"help": "Dense T5/MT5 checkpoint: a hub id, a local folder, or builtin:t5-v1_1-tiny (offline)."}
+    )
     output_dir: str = field(metadata={"help": "Where the MixT5 checkpoint (model, tokenizer, MoE settings) goes."})
     encoder_only: bool = field(default=False, metadata={"help": "Load and upcycle a T5EncoderModel."})
     dtype: str = field(default="auto", metadata={"help": "Load dtype: auto (as saved), float32, bfloat16, float16."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
-def run_upcycle(argv: Sequence[str]) -> int:
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding
+# An offline, randomly initialised T5-v1.1-architecture model for trying `mixt5 upcycle` without the hub.
+BUILTIN_MODELS = {
+    "builtin:t5-v1_1-tiny": {
+        "vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 256, "num_layers": 4, "num_decoder_layers": 4,
+        "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+        "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+    },
+}  # fmt: skip
 
+
+def _load_dense(name: str, encoder_only: bool, dtype: str) -> Any:
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding, T5Config, T5EncoderModel
+
+    if name in BUILTIN_MODELS:
+        import torch
+        from transformers import T5ForConditionalGeneration
+
+        torch.manual_seed(0)
+        config = T5Config(**BUILTIN_MODELS[name])
+        return (T5EncoderModel if encoder_only else T5ForConditionalGeneration)(config)
+    auto_class = AutoModelForTextEncoding if encoder_only else AutoModelForSeq2SeqLM
+    return auto_class.from_pretrained(name, dtype=dtype)
+
+
+def run_upcycle(argv: Sequence[str]) -> int:
     from .upcycle import upcycle
     from .utils import atomic_output_dir, copy_tokenizer
 
     parser = HfArgumentParser((UpcycleArguments, MoEConfig), prog="mixt5 upcycle")
     args, moe = parser.parse_args_into_dataclasses(args=list(argv))
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite_output_dir) as staging:
-        auto_class = AutoModelForTextEncoding if args.encoder_only else AutoModelForSeq2SeqLM
-        dense = auto_class.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+        dense = _load_dense(args.model_name_or_path, args.encoder_only, args.dtype)
         dense_params = sum(p.numel() for p in dense.parameters())
         model = upcycle(dense, moe, base_model=args.model_name_or_path)
         del dense

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import (
+    AutoConfig,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -23,12 +24,14 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import DataArguments, MixT5TrainingArguments, ModelArguments, MoEArguments, moe_config_from_arguments
-from .config import MoEConfig
+from .config import MixT5Config, MoEConfig
 from .data.sources import load_split
 from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
+from .diagnostics import RoutingDiagnosticsCallback
 from .modeling import MixT5PreTrainedModel
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
@@ -48,6 +51,16 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 def build_model(model_args: ModelArguments, moe: MoEConfig | None) -> PreTrainedModel:
     """Load the checkpoint; with `moe` (i.e. `--enable_moe`), upcycle it unless it already is a MixT5 model."""
     source = model_args.reference_model_name_or_path or model_args.model_name_or_path
+    if (
+        moe is not None
+        and is_deepspeed_zero3_enabled()
+        and AutoConfig.from_pretrained(source).model_type != MixT5Config.model_type
+    ):
+        # ZeRO-3 loads each process's shard only: there are no whole dense weights to copy into experts
+        raise ValueError(
+            f"--enable_moe upcycles {source} in every process, but DeepSpeed ZeRO-3 loads it partitioned. Upcycle "
+            f"it once first (mixt5 upcycle --model_name_or_path {source} --output_dir DIR [MoE flags]), then train DIR."
+        )
     model = AutoModelForSeq2SeqLM.from_pretrained(source)
     if moe is not None and not isinstance(model, MixT5PreTrainedModel):
         model = upcycle(model, moe, base_model=source)
@@ -165,7 +178,7 @@ def run_training(
             tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to
         ),
         compute_metrics=evaluator,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, RoutingDiagnosticsCallback()],  # a no-op for dense models
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -66,14 +67,31 @@ class ResumableLengthGroupedSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
+def share_t5_embedding_modules(model: torch.nn.Module) -> None:
+    """Make T5's encoder and decoder `embed_tokens` the `shared` module itself, not three modules with one weight.
+
+    FSDP2 shards parameters by module, and accelerate puts `shared` with the tied `lm_head` into a group of its own;
+    the same weight, reached again through `encoder.embed_tokens` from the root group, then makes `fully_shard` refuse
+    it (torch >= 2.13: "shared with a parameter already managed by another FSDP group"). One module under three
+    names computes the same and keeps the same state-dict keys. A no-op unless the weights are tied.
+    """
+    shared = getattr(model, "shared", None)
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        embed = getattr(stack, "embed_tokens", None)
+        if shared is not None and embed is not None and embed.weight is shared.weight:
+            stack.embed_tokens = shared
+
+
 class MixT5Trainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` that also logs the router aux/z losses, dropped assignments and per-layer expert load."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # T5's forward takes **kwargs but ignores `num_items_in_batch` and returns a per-batch mean, so Trainer must
-        # divide by the accumulation steps itself (it skips that for models that "accept loss kwargs").
-        self.model_accepts_loss_kwargs = False
+        # Trainer then counts the label tokens of each optimizer step over all accumulation steps and processes
+        # (`num_items_in_batch`); `compute_loss` normalises by that count itself (T5's forward ignores it).
+        self.model_accepts_loss_kwargs = True
+        if self.is_fsdp_enabled:
+            share_t5_embedding_modules(self.accelerator.unwrap_model(self.model))
         self._moe_sums: dict[str, float] = defaultdict(float)
         self._moe_steps = 0
 
@@ -88,10 +106,50 @@ class MixT5Trainer(Seq2SeqTrainer):
         track = model.training and isinstance(unwrapped, MixT5PreTrainedModel)
         if track:
             inputs = {**inputs, "output_router_logits": True}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        over_global_batch = (
+            num_items_in_batch is not None
+            and "labels" in inputs
+            and self.label_smoother is None
+            and self.args.n_gpu <= 1
+        )
+        # Tells `training_step` whether to divide by the accumulation steps (True: already done here).
+        self.loss_is_scaled_for_ga = over_global_batch
+        if over_global_batch:
+            outputs = model(**inputs)
+            loss = self._global_batch_loss(unwrapped, outputs, inputs["labels"], num_items_in_batch)
+        else:  # evaluation, label smoothing, DataParallel: the model's per-batch mean
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if track and outputs.get("aux_loss") is not None:
             self._accumulate_moe_stats(unwrapped, inputs, outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _global_batch_loss(
+        self, model: torch.nn.Module, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int
+    ) -> torch.Tensor:
+        """This micro-batch's share of the optimizer step's loss, so that the step's gradient does not depend on how
+        its global batch is split into processes and accumulation steps.
+
+        The LM loss is this batch's token cross-entropy sum over the label tokens of the whole step (all accumulation
+        steps and processes), times the number of processes because DDP/FSDP/ZeRO average the gradients over them:
+        the step then minimises the mean over every label token of the global batch, as one process with the whole
+        batch would (T5's own loss is a per-batch mean: batches with fewer tokens would weigh more). The router's aux
+        and z losses are per-batch means (each process balances its own tokens, as Switch/GShard do per device),
+        divided by the accumulation steps: their mean over the step's batches.
+        """
+        logits = outputs["logits"]
+        token_sum = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=-100, reduction="sum"
+        )
+        loss = token_sum / num_items_in_batch
+        if self.args.average_tokens_across_devices:  # the count covers every process (Trainer gathers it)
+            loss = loss * self.accelerator.num_processes
+        if outputs.get("aux_loss") is not None:
+            moe = model.config.moe
+            router_loss = (
+                moe["router_aux_loss_coef"] * outputs["aux_loss"] + moe["router_z_loss_coef"] * outputs["router_z_loss"]
+            )
+            loss = loss + router_loss.to(loss.dtype) / self.current_gradient_accumulation_steps
+        return loss
 
     @torch.no_grad()
     def _accumulate_moe_stats(self, model: MixT5PreTrainedModel, inputs: dict[str, Any], outputs: Any) -> None:
@@ -118,7 +176,11 @@ class MixT5Trainer(Seq2SeqTrainer):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return ResumableLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            # Group by the global batch of an optimizer step, not one process's share: accelerate deals the sampler's
+            # order out to the processes batch by batch, so the same global batch gives the same examples per step
+            # whether it runs as 4 x 1 process or 2 x 2 processes.
+            global_batch = sampler.batch_size * max(1, self.args.world_size)
+            return ResumableLengthGroupedSampler(global_batch, sampler.lengths, seed)
         return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
@@ -130,9 +192,38 @@ class MixT5Trainer(Seq2SeqTrainer):
             return None
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None  # distributed: sharded in order
 
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Gather each question's answer once from all processes.
+
+        `Seq2SeqTrainer.evaluate` switches to `accelerator.gather`, which keeps the examples that distributed sharding
+        repeats to even out the last batch (it does so for `num_return_sequences > 1`, transformers PR #27025), so 2
+        processes would score duplicates. Evaluation here generates one answer per question (`SquadEvaluator` checks
+        the count), so `gather_for_metrics`, which drops those repeats, is right; the eval loss then skips them too.
+        """
+        self.gather_function = functools.partial(
+            self.accelerator.gather_for_metrics, use_gather_object=self.args.eval_use_gather_object
+        )
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _reduce_moe_stats(self) -> dict[str, float]:
+        """The MoE averages since the last log, reduced over processes (one collective per log, not per step).
+
+        Losses and load fractions are averaged over processes, like Trainer's `loss`; the dropped-assignment count
+        is summed, so it counts per step of the global batch whatever the number of processes.
+        """
+        averages = {key: total / self._moe_steps for key, total in self._moe_sums.items()}
+        world_size = self.args.world_size
+        if world_size > 1:
+            keys = sorted(averages)  # the same keys on every process: they come from the model's config
+            values = torch.tensor([averages[key] for key in keys], device=self.args.device)
+            averages = dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+            averages["moe/dropped_assignments"] *= world_size
+        return {key: round(value, 6) for key, value in averages.items()}
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Every process logs at the same steps (Trainer calls `log` on all of them), so the reduction cannot hang.
         if self._moe_steps and "loss" in logs:  # a training log: add the averages since the last one
-            logs = {**logs, **{k: round(v / self._moe_steps, 6) for k, v in self._moe_sums.items()}}
+            logs = {**logs, **self._reduce_moe_stats()}
             self._moe_sums.clear()
             self._moe_steps = 0
         super().log(logs, *args, **kwargs)

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from ..config import MixT5Config
-from .experts import MixT5Experts, MixT5GatedExperts
+from .experts import MixT5Experts, MixT5GatedExperts, handles_unused_slots
 from .router import MixT5Router, RouterOutput
 
 
@@ -40,10 +40,26 @@ class MixT5LayerSparseFF(nn.Module):
             token_mask = token_mask[:, -seq_len:].reshape(-1).bool() if fits else None
         routing = self.router(normed, token_mask)
         expert_index = routing.expert_index
-        if self.experts.config._experts_implementation not in (None, "eager"):
+        if not handles_unused_slots(self.experts.config._experts_implementation):
             # transformers' kernels know no sentinel: send unused slots to expert 0 with weight 0
             expert_index = expert_index.clamp(max=self.experts.num_experts - 1)
         expert_output = self.experts(normed, expert_index, routing.expert_weights)
+        if torch.is_grad_enabled() and not expert_output.requires_grad:
+            expert_output = expert_output + self._zero_gradient_term()
         if self.routing_records is not None:
             self.routing_records.append(routing)
         return hidden_states + self.dropout(expert_output.view(batch_size, seq_len, d_model))
+
+    def _zero_gradient_term(self) -> torch.Tensor:
+        """A zero that depends on every trainable parameter of the layer, so that each gets a (zero) gradient.
+
+        Data parallelism needs every process to produce a gradient for the same parameters in every step (DDP
+        reduces them in buckets and waits for all of them; ZeRO and FSDP reduce-scatter them). Each 3-D expert weight
+        is one parameter, and every experts implementation (MixT5's dispatch, transformers' grouped_mm/batched_mm)
+        gives it a gradient whenever any of its experts ran, zero in the rows of experts that got no tokens. Only a
+        step in which no token reaches any expert of the layer (every slot dropped by the capacity limit, or only
+        padding) leaves the output disconnected from the weights: this term, added only then, reconnects them.
+        Empty slices rather than `0 * p.sum()`: no arithmetic on the values (an inf cannot become a NaN), no cost.
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return sum((p[:0].sum() for p in trainable), torch.zeros((), device=self.router.weight.device))
