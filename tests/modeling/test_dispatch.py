@@ -142,9 +142,14 @@ def test_dispatch_passes_gradcheck_in_float64(gated):
     assert torch.autograd.gradcheck(run, (hidden, weights.double().requires_grad_(), up, down))
 
 
-def test_dropout_backward_replays_the_forward_mask():
-    """With dropout on, gradcheck with the RNG reseeded per call: the backward must use the forward's mask."""
-    experts = _experts(2, d_model=8, d_ff=4, dropout=0.3).double()
+@pytest.mark.parametrize(("gated", "act"), [(True, None), (False, "linear")])
+def test_dropout_backward_replays_the_forward_mask(gated, act):
+    """With dropout on, gradcheck with the RNG reseeded per call: the backward must use the forward's mask.
+
+    "linear" hands back its input: the dispatch must not then scale the saved projection in place."""
+    experts = _experts(2, gated, d_model=8, d_ff=4, dropout=0.3).double()
+    if act is not None:
+        experts.act_fn.act = ACT2FN[act]
     hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     index, weights = _routing(6, 2, 2, seed=4)
     run, up, down = _as_inputs(experts, index)
@@ -160,6 +165,18 @@ def test_dropout_backward_replays_the_forward_mask():
         experts.train()
     assert not torch.allclose(dropped, kept)
     assert torch.autograd.gradcheck(seeded, (hidden, up, down))
+
+
+def test_gradients_of_expert_weights_alone():
+    """Frozen inputs and router (e.g. only the experts train): the weight gradients still match the reference."""
+    experts = _experts(4)
+    hidden = torch.randn(11, D_MODEL)
+    index, weights = _routing(11, 4, 2, unused=0.2, idle=(3,))
+    inputs = [experts.gate_up_proj, experts.down_proj]
+    got = _grads(sorted_dispatch(experts, hidden, index, weights), inputs)
+    want = _grads(_reference(experts, hidden, index, weights), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"])

@@ -303,11 +303,12 @@ class _ExpertsFeedForward(torch.autograd.Function):
                     torch.mm(x[start:end], up_weight[expert, d_ff:].t(), out=up[local])
                 else:
                     torch.mm(x[start:end], up_weight[expert].t(), out=up[local])
-            hidden = activation.forward(gate).mul_(up) if activation.gated else activation.forward(up)
+            # out of place where `act` may hand back its input (e.g. "linear"): gate and up are saved for backward
+            hidden = activation.forward(gate) * up if activation.gated else activation.forward(up)
             mask = None
             if activation.dropout > 0:
                 mask = torch.empty_like(hidden).bernoulli_(1 - activation.dropout).div_(1 - activation.dropout)
-                hidden = hidden.mul_(mask)
+                hidden = hidden * mask
             hidden = hidden.to(down_weight.dtype)
             for expert, start, end in block.segments:
                 local = slice(start - block.start, end - block.start)
@@ -349,7 +350,11 @@ class _ExpertsFeedForward(torch.autograd.Function):
                 local = slice(start - block.start, end - block.start)
                 if need_down:
                     weight_grad(grad_out[start:end], hidden[local], grad_down_weight[expert], expert not in written)
-                torch.mm(grad_out[start:end], down_weight[expert], out=grad_hidden[local])
+                if need_x or need_up:
+                    torch.mm(grad_out[start:end], down_weight[expert], out=grad_hidden[local])
+            if not (need_x or need_up):
+                written.update(expert for expert, _, _ in block.segments)
+                continue
             grad_hidden = grad_hidden.to(x.dtype)
             if mask is not None:
                 grad_hidden.mul_(mask)
