@@ -133,19 +133,3 @@ def test_dispatch_matches_per_token_reference_and_gradients(top_k, capacity_fact
     (grad_out,) = torch.autograd.grad(out.sum(), [experts.gate_up_proj])
     (grad_ref,) = torch.autograd.grad(expected.sum(), [experts.gate_up_proj])
     torch.testing.assert_close(grad_out, grad_ref, rtol=1e-4, atol=1e-5)
-
-
-def test_dispatch_does_not_index_3d_parameters_in_autograd():
-    """The CPU path never takes one `param[e]` per expert inside autograd (each would be an O(E) gradient)."""
-    layer = _layer(num_experts=8, top_k=2)
-    out = layer(torch.randn(1, 6, 32))
-    seen, stack = set(), [out.grad_fn]
-    names = []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    assert "SelectBackward0" not in names  # no `param[e]` per expert
