@@ -155,6 +155,12 @@ def build_layers(
     return config, dense, layers
 
 
+def _fresh_buffers(shapes: list[torch.Size], device: torch.device, dtype: torch.dtype) -> None:
+    """Allocate and write one gradient per shape, as a backward pass does after `zero_grad(set_to_none=True)`."""
+    for shape in shapes:
+        torch.empty(shape, device=device, dtype=dtype).fill_(1.0)
+
+
 def _step(module: nn.Module, hidden: torch.Tensor, backward: bool) -> None:
     if not backward:
         with torch.no_grad():
@@ -223,10 +229,15 @@ def run_layer_benchmark(
         "floor_s": {},
         "ratio_to_floor": {},
     }
+    experts_shapes = [p.shape for p in layers["mixt5"].experts.parameters()]
+    dense_shapes = [p.shape for p in dense.DenseReluDense.parameters()] * top_k
     for pass_name in PASSES:
         backward = pass_name == "forward_backward"
         cases = {"dense": lambda m=dense, b=backward: _step(m, hidden, b)}
         cases.update({name: (lambda m=layer, b=backward: _step(m, hidden, b)) for name, layer in layers.items()})
+        if backward:  # what writing the weight gradients into fresh memory costs, for the experts and for the floor
+            cases["grad_buffers_experts"] = lambda: _fresh_buffers(experts_shapes, device, dtype)
+            cases["grad_buffers_dense_x_k"] = lambda: _fresh_buffers(dense_shapes, device, dtype)
         timings: dict[str, Measurement] = interleaved(cases, repeats, warmup, device)
         floor = top_k * timings["dense"].median(timer)
         result["timings"][pass_name] = {name: m.to_dict() for name, m in timings.items()}
@@ -234,6 +245,6 @@ def run_layer_benchmark(
         result["ratio_to_floor"][pass_name] = {
             name: m.median(timer) * (top_k if name == "dense_fused_act" else 1) / floor
             for name, m in timings.items()
-            if name != "dense"
+            if name != "dense" and not name.startswith("grad_buffers")
         }
     return result

@@ -10,6 +10,7 @@ softmax) and the optimizer's update are left out of the FLOPs; the step benchmar
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,8 +142,6 @@ def run_step_benchmark(
         phases[name] = {"forward_backward": Measurement(), "optimizer": Measurement()}
 
         def step() -> None:
-            import time
-
             wall, cpu = time.perf_counter(), time.process_time()
             model(**inputs).loss.backward()
             synchronize(device)

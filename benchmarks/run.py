@@ -163,6 +163,14 @@ def _layer_report(result: dict[str, Any], timer: str, targets: list[dict[str, An
     for name, reason in result["skipped"].items():
         rows.append([name, "skipped", reason, "", ""])
     lines = [header, _table(rows)]
+    backward = result["timings"]["forward_backward"]
+    if "grad_buffers_experts" in backward:
+        experts, dense = backward["grad_buffers_experts"][key], backward["grad_buffers_dense_x_k"][key]
+        lines.append(
+            f"  writing the weight gradients into fresh memory: experts {experts * 1e3:.1f} ms, dense x k "
+            f"{dense * 1e3:.1f} ms (E/k = {result['num_experts'] / result['top_k']:g}x the bytes), "
+            f"{(experts - dense) / result['floor_s']['forward_backward'] * 100:.1f}% of the fwd+bwd floor"
+        )
     for pass_name in ("forward", "forward_backward"):
         ratios = result["ratio_to_floor"][pass_name]
         ratio, speedup = ratios["mixt5"], ratios["modulelist"] / ratios["mixt5"]

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 import time
 
 import pytest
 import yaml
 
-from mixt5 import sweep
+from mixt5 import demo, sweep
 from mixt5.cli import main
 from mixt5.metrics import gold_answers_from_squad_json
 from mixt5.utils import write_json_atomic
-from tiny import SAMPLE_SQUAD, save_tiny_qa_model
+from tiny import SAMPLE_SQUAD
 
 SPEC = """\
 name: small
@@ -162,15 +161,15 @@ def test_example_specs_are_valid_and_start_with_their_command(path, tmp_path):
         assert len(runs) == len(spec.arms) * len(spec.seeds)
 
 
+def test_missing_demo_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_MODEL", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"the bundled demo checkpoint .*nowhere"):
+        sweep.plan_sweep(sweep.load_spec("mini-ci"), tmp_path)
+
+
 def test_demo_values_resolve_to_the_bundled_assets(tmp_path):
     spec = sweep.load_spec("mini-ci")
-    try:
-        checkpoint = sweep.demo_checkpoint()
-    except FileNotFoundError as err:
-        assert "demo-t5" in str(err)
-        with pytest.raises(FileNotFoundError, match="the bundled demo checkpoint"):
-            sweep.plan_sweep(spec, tmp_path)
-        return
+    checkpoint = sweep.demo_checkpoint()
     runs = sweep.plan_sweep(spec, tmp_path)
     argv = dict(zip(runs[0].argv[::2], runs[0].argv[1::2], strict=False))
     assert argv["--model_name_or_path"] == str(checkpoint)
@@ -264,20 +263,10 @@ def test_a_failed_run_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, 
 
 @pytest.mark.slow
 def test_mini_ci_sweep_end_to_end(tmp_path, capsys):
-    """The built-in CI-size sweep, on the bundled demo checkpoint, or on a tiny model where that is absent."""
-    spec = yaml.safe_load(sweep.builtin_specs()["mini-ci"].read_text())
-    try:
-        sweep.demo_checkpoint()
-    except FileNotFoundError:
-        model = save_tiny_qa_model(tmp_path / "tiny")
-        spec["common"].update(
-            model_name_or_path=str(model), train_file=str(SAMPLE_SQUAD), validation_file=str(SAMPLE_SQUAD)
-        )
-    spec_file = tmp_path / "mini-ci.yaml"
-    spec_file.write_text(textwrap.dedent(yaml.safe_dump(spec)))
+    """The built-in CI-size sweep, on the bundled demo checkpoint and the synthetic task."""
     out = tmp_path / "sweep"
     start = time.monotonic()
-    assert main(["sweep", str(spec_file), "--output_dir", str(out)]) == 0, capsys.readouterr()
+    assert main(["sweep", "mini-ci", "--output_dir", str(out)]) == 0, capsys.readouterr()
     print(f"mini-ci sweep: {time.monotonic() - start:.0f} s")
 
     for name in ("results.md", "results.csv", "results.json", "report.md", "sweep.yaml", "sweep.json"):
@@ -300,5 +289,5 @@ def test_mini_ci_sweep_end_to_end(tmp_path, capsys):
     assert not (out / "runs" / "dense" / "seed-0" / "diagnostics.jsonl").exists()
 
     capsys.readouterr()
-    assert main(["sweep", str(spec_file), "--output_dir", str(out), "--no_report"]) == 0
+    assert main(["sweep", "mini-ci", "--output_dir", str(out), "--no_report"]) == 0
     assert capsys.readouterr().out.count("done, skipped") == 4

@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 DEMO_MODEL = Path(__file__).resolve().parent / "resources" / "demo-t5"
 
 # Sizes and hyper-parameters of the embedded default (see docs/demo.md for how they were chosen).
-TRAIN_PARAGRAPHS = 500
-VALIDATION_PARAGRAPHS = 50
+TRAIN_PARAGRAPHS = 1000
+VALIDATION_PARAGRAPHS = 100
 QUESTIONS_PER_PARAGRAPH = 4
 TRAIN_FLAGS = [
     "--learning_rate", "1e-3",

@@ -224,7 +224,9 @@ class PlannedRun:
 
 def demo_checkpoint() -> Path:
     """The bundled small pretrained T5 of the offline demo; a clear error where this installation lacks it."""
-    path = Path(str(importlib.resources.files("mixt5") / "resources" / "demo-t5"))
+    from . import demo  # read at call time, so that tests can point it elsewhere
+
+    path = demo.DEMO_MODEL
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the spec uses the model `{DEMO_MODEL}`, the bundled demo checkpoint {path}, which this installation "

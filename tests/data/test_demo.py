@@ -22,10 +22,6 @@ from mixt5.data.demo import (
 
 CHECKPOINT = Path(demo.__file__).resolve().parents[1] / "resources" / "demo-t5"
 _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
-needs_checkpoint = pytest.mark.skipif(
-    not (CHECKPOINT / "config.json").is_file(),
-    reason=f"the demo checkpoint is not shipped yet at {CHECKPOINT} (make it with scripts/make_demo_checkpoint.py)",
-)
 
 
 def _template_words() -> set[str]:
@@ -115,14 +111,12 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(CHECKPOINT, local_files_only=True)
 
 
-@needs_checkpoint
 def test_checkpoint_size_and_files() -> None:
     files = {p.name: p.stat().st_size for p in CHECKPOINT.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files.keys()
     assert sum(files.values()) <= 20 * 2**20
 
 
-@needs_checkpoint
 def test_tokenizer_is_t5_compatible(tokenizer) -> None:
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<pad>", 0)
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("</s>", 1)
@@ -139,7 +133,6 @@ def test_tokenizer_is_t5_compatible(tokenizer) -> None:
         assert any(context_ids[i : i + len(answer_ids)] == answer_ids for i in range(len(context_ids)))
 
 
-@needs_checkpoint
 def test_checkpoint_loads_offline_and_generates(tokenizer) -> None:
     import torch
     from transformers import T5ForConditionalGeneration
