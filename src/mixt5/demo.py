@@ -118,7 +118,7 @@ def plot_routing_load(loads: dict[str, list[float]], path: Path) -> None:
     for row, values in enumerate(matrix):
         for col, value in enumerate(values):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.3 else "k", fontsize=8)
-    ax.set_title("Expert load on held-out questions (fraction of top-k assignments)")
+    ax.set_title("Expert load on held-out questions\n(fraction of top-k assignments)", fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

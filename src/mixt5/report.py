@@ -634,8 +634,8 @@ def plot_similarity(data: dict[str, Any], path: Path, colors: dict[str, str]) ->
         if positive.any():
             axes[1].plot(np.array(steps)[positive], distance[positive], marker="o", label=arm, color=colors[arm])
     axes[0].ticklabel_format(axis="y", useOffset=False)
-    axes[0].set_title("expert cosine similarity (mean over pairs, layers)")
-    axes[1].set_title("1 − similarity (log scale; exact copies = 0 omitted)")
+    axes[0].set_title("expert cosine similarity\n(mean over pairs and layers)")
+    axes[1].set_title("1 − similarity, log scale\n(exact copies, = 0, omitted)")
     axes[1].set_yscale("log")
     for axis in axes:
         axis.set_xlabel("step (saved checkpoints)")

@@ -329,7 +329,8 @@ def prepare_data(runs: Sequence[PlannedRun], output_dir: str | os.PathLike) -> N
 
 
 def write_manifest(spec: SweepSpec, spec_text: str, source: str, runs: Sequence[PlannedRun], output_dir: Path) -> None:
-    """Save the input spec as given (`sweep.yaml`) and the resolved plan (`sweep.json`, read by `mixt5 report`).
+    """Save the input spec as given (`sweep.yaml`) and the resolved plan (`sweep.json`, read by `mixt5 report`);
+    `source` is the SPEC argument as given (a file or a built-in name), for the command that reports quote.
 
     A run whose folder already holds work from different arguments is an error: its results would be mislabelled.
     """
@@ -448,12 +449,12 @@ def main(argv: Sequence[str]) -> int:
         return 0
     if not args.spec or not args.output_dir:
         raise ValueError("give a SPEC (file or built-in name; see --list) and --output_dir")
-    text, source = read_spec_text(args.spec)
+    text, source = read_spec_text(args.spec)  # source: the file's path, or "built-in spec NAME"
     spec = parse_spec(text, source)
     output_dir = Path(args.output_dir)
     runs = plan_sweep(spec, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(spec, text, source, runs, output_dir)
+    write_manifest(spec, text, args.spec, runs, output_dir)
     prepare_data(runs, output_dir)
     launcher_args = shlex.split(args.launcher_args)
 
