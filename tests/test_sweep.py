@@ -271,6 +271,7 @@ def test_mini_ci_sweep_end_to_end(tmp_path, capsys):
 
     for name in ("results.md", "results.csv", "results.json", "report.md", "sweep.yaml", "sweep.json"):
         assert (out / name).is_file(), name
+    assert f"Produced by `mixt5 sweep mini-ci --output_dir {out}`." in (out / "results.md").read_text()
     for plot in ("scores", "curves", "load", "similarity"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
         assert json.loads((out / "plots" / f"{plot}.json").read_text())

@@ -330,7 +330,7 @@ def prepare_data(runs: Sequence[PlannedRun], output_dir: str | os.PathLike) -> N
 
 def write_manifest(spec: SweepSpec, spec_text: str, source: str, runs: Sequence[PlannedRun], output_dir: Path) -> None:
     """Save the input spec as given (`sweep.yaml`) and the resolved plan (`sweep.json`, read by `mixt5 report`);
-    `source` is the SPEC argument as given (a file or a built-in name), for the command that reports quote.
+    `source` is the SPEC argument as given (a file or a built-in name): reports quote it in the command that made them.
 
     A run whose folder already holds work from different arguments is an error: its results would be mislabelled.
     """
