@@ -47,6 +47,7 @@ from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 from transformers.optimization import Adafactor
 
 from mixt5.data.demo import QUESTION_TEMPLATES, pretraining_documents
+from mixt5.utils import atomic_output_dir
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "mixt5" / "resources" / "demo-t5"
 NUM_SENTINELS = 100
@@ -259,13 +260,14 @@ def pretrain(
 
 
 def save(model: T5ForConditionalGeneration, tokenizer: T5Tokenizer, out: Path) -> None:
-    """`save_pretrained` model (fp32 safetensors, on the CPU) and tokenizer, with generation defaults set."""
+    """`save_pretrained` model (fp32 safetensors) and tokenizer, with generation defaults set; `out` is replaced in
+    one rename, so a run killed while saving leaves the previous checkpoint (the shipped one, by default) whole."""
     model.generation_config.decoder_start_token_id = 0
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with atomic_output_dir(out, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -291,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=7, help="DataLoader workers (the batches depend on it)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--save-every", type=int, default=0, help="also save OUT/step-N every N steps (0: never)")
+    parser.add_argument("--save-every", type=int, default=0, help="also save OUT-step-N every N steps (0: never)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def on_step(step: int) -> None:
         if args.save_every and step % args.save_every == 0 and step < (args.stop_at or args.steps):
-            save(model, tokenizer, args.out / f"step-{step}")
+            save(model, tokenizer, args.out.with_name(f"{args.out.name}-step-{step}"))
 
     final_loss = pretrain(model, tokenizer, args, on_step)
     save(model.cpu().eval(), tokenizer, args.out)
