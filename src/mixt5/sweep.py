@@ -64,6 +64,12 @@ def _check_args(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def _check_seeds(seeds: list[int] | None) -> list[int] | None:
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {seeds} repeat a seed")
+    return seeds
+
+
 class ArmSpec(BaseModel):
     """One arm: a set of `mixt5 train` (or `mixt5 evaluate`) arguments, run once per seed."""
 
@@ -83,9 +89,7 @@ class ArmSpec(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
-        if seeds is not None and len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds {seeds} repeat a seed")
-        return seeds
+        return _check_seeds(seeds)
 
 
 class SweepSpec(BaseModel):
@@ -110,9 +114,7 @@ class SweepSpec(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds {seeds} repeat a seed")
-        return seeds
+        return _check_seeds(seeds)
 
     @model_validator(mode="after")
     def _check_arms(self) -> SweepSpec:
