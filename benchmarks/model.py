@@ -166,25 +166,13 @@ def run_step_benchmark(
     layers = sparse.config.moe_layer_indices
     dense_flops = 3 * t5_flops(dense.config, work)  # backward ~ 2x forward
     sparse_flops = 3 * t5_flops(dense.config, work, layers, moe.top_k, moe.num_experts)
-    measured = timings["upcycled"].median(timer) / timings["dense"].median(timer)
+    result = _comparison(preset, moe, work, (dense, sparse), (dense_flops, sparse_flops), timings, timer)
     fwd_bwd = phases["upcycled"]["forward_backward"].median(timer) / phases["dense"]["forward_backward"].median(timer)
-    flop_ratio = sparse_flops / dense_flops
     return {
-        "model": preset,
-        "moe_layers": layers,
-        "num_experts": moe.num_experts,
-        "top_k": moe.top_k,
-        "batch": work.batch,
-        "source_len": work.source_len,
+        **result,
         "target_len": work.target_len,
-        "parameters": {"dense": _count(dense), "upcycled": _count(sparse)},
-        "flops": {"dense": dense_flops, "upcycled": sparse_flops},
-        "flop_ratio": flop_ratio,
-        "measured_ratio": measured,
-        "measured_over_flop_ratio": measured / flop_ratio,
         "forward_backward_ratio": fwd_bwd,
-        "forward_backward_over_flop_ratio": fwd_bwd / flop_ratio,
-        "timings": {name: m.to_dict() for name, m in timings.items()},
+        "forward_backward_over_flop_ratio": fwd_bwd / result["flop_ratio"],
         "phases": {name: {p: m.to_dict() for p, m in per.items()} for name, per in phases.items()},
     }
 
@@ -221,31 +209,43 @@ def run_generate_benchmark(
     layers = sparse.config.moe_layer_indices
     dense_flops = t5_flops(dense.config, work, generate=True)
     sparse_flops = t5_flops(dense.config, work, layers, moe.top_k, moe.num_experts, generate=True)
-    measured = timings["upcycled"].median(timer) / timings["dense"].median(timer)
-    flop_ratio = sparse_flops / dense_flops
     return {
-        "model": preset,
-        "moe_layers": layers,
-        "num_experts": moe.num_experts,
-        "top_k": moe.top_k,
-        "batch": work.batch,
-        "source_len": work.source_len,
+        **_comparison(preset, moe, work, (dense, sparse), (dense_flops, sparse_flops), timings, timer),
         "new_tokens": work.target_len,
-        "parameters": {"dense": _count(dense), "upcycled": _count(sparse)},
-        "flops": {"dense": dense_flops, "upcycled": sparse_flops},
-        "flop_ratio": flop_ratio,
-        "measured_ratio": measured,
-        "measured_over_flop_ratio": measured / flop_ratio,
         "decode_step_weight_bytes": {
             "dense": decode_weight_bytes(dense, work.batch),
             "upcycled": decode_weight_bytes(sparse, work.batch, moe.top_k, moe.num_experts),
         },
-        "timings": {name: m.to_dict() for name, m in timings.items()},
     }
 
 
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _comparison(
+    preset: str,
+    moe: MoEConfig,
+    work: Workload,
+    models: tuple[torch.nn.Module, torch.nn.Module],
+    flops: tuple[float, float],
+    timings: dict[str, Measurement],
+    timer: str,
+) -> dict[str, Any]:
+    """What the step and generate benchmarks both report: sizes, parameters, FLOPs and the measured vs FLOP ratio."""
+    dense, sparse = models
+    measured = timings["upcycled"].median(timer) / timings["dense"].median(timer)
+    flop_ratio = flops[1] / flops[0]
+    return {
+        "model": preset,
+        "moe_layers": sparse.config.moe_layer_indices,
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "batch": work.batch,
+        "source_len": work.source_len,
+        "parameters": {"dense": _count(dense), "upcycled": _count(sparse)},
+        "flops": {"dense": flops[0], "upcycled": flops[1]},
+        "flop_ratio": flop_ratio,
+        "measured_ratio": measured,
+        "measured_over_flop_ratio": measured / flop_ratio,
+        "timings": {name: m.to_dict() for name, m in timings.items()},
+    }
 
 
 def decode_weight_bytes(model: torch.nn.Module, batch: int, top_k: int = 1, num_experts: int = 1) -> float:
@@ -263,3 +263,7 @@ def decode_weight_bytes(model: torch.nn.Module, batch: int, top_k: int = 1, num_
         share = touched / num_experts if ".experts." in name else 1.0
         total += param.numel() * param.element_size() * share
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
