@@ -103,7 +103,7 @@ def test_builtin_specs_are_valid_and_follow_the_study(tmp_path):
     table1 = sweep.plan_sweep(specs["seed-table-1"], tmp_path)
     assert [(run.arm, run.seed, run.command) for run in table1] == [
         ("pretrain-only", 42, "evaluate"),
-        *[(arm, seed, "train") for arm in ("simple-ft", "moe-ft") for seed in (42, 43, 44)],
+        *[(arm, seed, "train") for arm in ("simple-ft", "moe-ft", "moe-ft-mixt5-defaults") for seed in (42, 43, 44)],
     ]
     study = (
         "--model_name_or_path google/t5-v1_1-base --dataset_name squad --learning_rate 1e-05 --num_train_epochs 10 "
@@ -114,6 +114,15 @@ def test_builtin_specs_are_valid_and_follow_the_study(tmp_path):
         assert study in " ".join(run.argv)
         assert "--max_sequence_length 512 --generation_max_length 30 --generation_num_beams 1" in " ".join(run.argv)
     assert specs["seed-table-1"].baseline_arm == "simple-ft"
+    # The study's recipe: bf16, its prompt format, and no router losses in its MoE arms; MixT5's defaults in one arm.
+    for run in [*table1, *sweep.plan_sweep(specs["seed-table-2"], tmp_path)]:
+        flags = dict(zip(run.argv[::2], run.argv[1::2], strict=False))
+        assert flags["--bf16"] == "true" and flags["--prompt_format"] == "seed"
+        router_losses = (flags.get("--router_aux_loss_coef"), flags.get("--router_z_loss_coef"))
+        if run.arm == "moe-ft-mixt5-defaults":
+            assert router_losses == (None, None) and flags["--enable_moe"] == "true"
+        elif flags.get("--enable_moe") == "true":
+            assert router_losses == ("0.0", "0.0"), run.arm
     table2 = sweep.plan_sweep(specs["seed-table-2"], tmp_path)
     lambdas = {run.arm: dict(zip(run.argv[::2], run.argv[1::2], strict=False)).get("--noise_lambda") for run in table2}
     assert lambdas == {
@@ -182,12 +191,13 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["sweep", "seed-table-1", "--output_dir", str(out), "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 10
     assert lines[0].startswith("python -m mixt5 evaluate --model_name_or_path google/t5-v1_1-base")
     assert lines[0].endswith(f"--seed 42 --output_dir {out}/runs/pretrain-only/seed-42")
     assert lines[-1].startswith("python -m mixt5 train ")
     assert lines[-1].endswith(
-        f"--enable_moe true --seed 44 --output_dir {out}/runs/moe-ft/seed-44 --resume_from_checkpoint last"
+        f"--enable_moe true --seed 44 --output_dir {out}/runs/moe-ft-mixt5-defaults/seed-44 "
+        "--resume_from_checkpoint last"
     )
     # the input spec is saved beside the output, as given
     assert (out / "sweep.yaml").read_text() == (sweep.builtin_specs()["seed-table-1"]).read_text()

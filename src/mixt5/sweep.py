@@ -269,7 +269,9 @@ def _check_run(run: PlannedRun) -> None:
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):  # argparse prints its usage and error, then exits
-            parsed = (parse_train_args if run.command == "train" else parse_evaluate_args)(run.argv)
+            # The spec is checked, not this machine: `--use_cpu` keeps TrainingArguments' bf16 hardware check from
+            # refusing a GPU sweep planned on a CPU-only machine (`--dry_run` for a cluster).
+            parsed = (parse_train_args if run.command == "train" else parse_evaluate_args)([*run.argv, "--use_cpu"])
     except SystemExit:
         error = next((line for line in messages.getvalue().splitlines() if ": error: " in line), ": error: ?")
         raise ValueError(
