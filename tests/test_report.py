@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 
 from mixt5 import sweep
 from mixt5.cli import main
-from mixt5.metrics import gold_answers_from_squad_json, squad_metrics
+from mixt5.metrics import QUESTION_SCORES_FILE, gold_answers_from_squad_json, squad_metrics, write_question_scores
 from mixt5.report import write_report
 from mixt5.stats import paired_bootstrap
 from mixt5.utils import write_json_atomic
@@ -44,9 +44,10 @@ def _gold():
     return dict(list(gold_answers_from_squad_json(SAMPLE_SQUAD).items())[:QUESTIONS])
 
 
-def _fake_sweep(tmp_path, unfinished=None):
+def _fake_sweep(tmp_path, unfinished=None, question_scores=True):
     """A sweep folder whose runs answer a seeded random subset of the questions exactly and the rest with 'zzzz'
-    (so EM = F1 per question: 100 or 0). `unfinished`: {(arm, seed): "partial" | "no predictions"}."""
+    (so EM = F1 per question: 100 or 0). `unfinished`: {(arm, seed): "partial" | "no predictions"}. Each finished run
+    has the files training writes; without `question_scores`, as run folders made before question_scores.json."""
     unfinished = unfinished or {}
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC)
@@ -71,6 +72,8 @@ def _fake_sweep(tmp_path, unfinished=None):
         write_json_atomic(run.output_dir / "metrics.json", {"eval": metrics} if run.command == "train" else metrics)
         if state != "no predictions":
             write_json_atomic(run.output_dir / "predictions.json", predictions)
+            if question_scores:
+                write_question_scores(run.output_dir / QUESTION_SCORES_FILE, gold, predictions)
             correct[(run.arm, run.seed)] = 100.0 * hits
     return out, correct
 
@@ -178,3 +181,53 @@ def test_run_report_plots_curves_load_and_similarity(tmp_path):
 def test_report_of_a_folder_without_results_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "neither a sweep" in capsys.readouterr().err
+
+
+def test_report_reads_files_only(tmp_path, monkeypatch):
+    """No data set or model is loaded: the paired tests come from each run's question_scores.json."""
+    out, correct = _fake_sweep(tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("mixt5 report loaded a data set or a model")
+
+    for target in (
+        "datasets.load_dataset",
+        "mixt5.data.sources.load_split",
+        "mixt5.data.squad.load_squad_json",
+        "transformers.AutoModelForSeq2SeqLM.from_pretrained",
+        "transformers.AutoTokenizer.from_pretrained",
+    ):
+        monkeypatch.setattr(target, forbidden)
+    assert main(["report", str(out)]) == 0
+    rows = _csv(out / "results.csv")
+    baseline = np.mean([correct[("dense", s)] for s in (1, 2)], axis=0)
+    moe = np.mean([correct[("moe", s)] for s in (1, 2, 3)], axis=0)
+    assert float(rows["moe"]["f1_diff"]) == pytest.approx(moe.mean() - baseline.mean())
+
+
+def test_run_folders_without_question_scores_say_how_to_write_them(tmp_path, capsys):
+    out, _ = _fake_sweep(tmp_path, question_scores=False)
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = _csv(out / "results.csv")
+    assert rows["moe"]["exact_match_p_value"] == ""  # no paired test without per-question scores
+    note = rows["dense"]["note"]
+    run = out / "runs" / "dense" / "seed-1"
+    scores_file = run / QUESTION_SCORES_FILE
+    command = f"mixt5 score {SAMPLE_SQUAD} {run / 'predictions.json'} --question_scores_file {scores_file}"
+    assert f"{run / QUESTION_SCORES_FILE} is missing" in note and command in note and "\n" not in note
+    assert note in printed and note in (out / "results.md").read_text()
+
+    # the command it gives, for every run, restores the paired test: the same numbers as a run that wrote the file
+    for run_dir in sorted((out / "runs").glob("*/seed-*")):
+        argv = ["score", str(SAMPLE_SQUAD), str(run_dir / "predictions.json")]
+        assert main([*argv, "--question_scores_file", str(run_dir / QUESTION_SCORES_FILE)]) == 0
+    assert main(["report", str(out)]) == 0
+    (tmp_path / "fresh").mkdir()
+    fresh, _ = _fake_sweep(tmp_path / "fresh")
+    assert main(["report", str(fresh)]) == 0
+    regenerated, written = _csv(out / "results.csv"), _csv(fresh / "results.csv")
+    for arm in ("dense", "moe"):
+        for key in ("exact_match_diff", "f1_diff_ci_low", "f1_p_value", "num_questions", "note"):
+            assert regenerated[arm][key] == written[arm][key]
+    assert regenerated["moe"]["f1_p_value"] != ""

@@ -94,6 +94,22 @@ def test_train_evaluate_predict_score(tiny_qa_model, tmp_path, capsys, enable_mo
     assert len(predictions) == EVAL_SAMPLES == metrics["eval"]["eval_num_questions"]
     assert "eval_exact_match_symbols_stripped" in metrics["eval"]
     assert "train_answers_cut_by_truncation" in metrics["train"]
+    # the run folder describes itself (what `mixt5 report` reads instead of reloading data): arguments, and each
+    # question's scores, whose means are the reported EM and F1
+    described = json.loads((out / "run.json").read_text())
+    assert described["command"] == "train" and ("moe" in described["arguments"]) == enable_moe
+    assert described["arguments"]["data"]["max_eval_samples"] == EVAL_SAMPLES
+    assert described["arguments"]["training"]["seed"] == 42
+    question_scores = json.loads((out / "question_scores.json").read_text())["scores"]
+    assert list(question_scores) == list(predictions)
+    for column, metric in enumerate(("exact_match", "f1")):
+        mean = 100 * sum(scores[column] for scores in question_scores.values()) / EVAL_SAMPLES
+        assert mean == pytest.approx(metrics["eval"][f"eval_{metric}"])
+    assert main(["report", str(out)]) == 0
+    assert (
+        f"Run: `mixt5 train` of `{tiny_qa_model}`, scored on `{SAMPLE_SQUAD}` (first {EVAL_SAMPLES})"
+        in (out / "report.md").read_text()
+    )
     capsys.readouterr()
 
     # evaluate the saved model: same predictions, same scores
@@ -104,6 +120,14 @@ def test_train_evaluate_predict_score(tiny_qa_model, tmp_path, capsys, enable_mo
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == predictions
     assert evaluated["eval_f1"] == pytest.approx(metrics["eval"]["eval_f1"])
+    assert json.loads((tmp_path / "eval" / "question_scores.json").read_text())["scores"] == question_scores
+    assert json.loads((tmp_path / "eval" / "run.json").read_text())["command"] == "evaluate"
+    # an evaluation records its routing too (a dense model has none)
+    diagnostics = tmp_path / "eval" / "diagnostics.jsonl"
+    assert diagnostics.is_file() == enable_moe
+    if enable_moe:
+        (record,) = [json.loads(line) for line in diagnostics.read_text().splitlines()]
+        assert record["phase"] == "eval" and set(record["layers"]) == {"encoder.1", "decoder.1"}
 
     # score the predictions file like the official script
     capsys.readouterr()

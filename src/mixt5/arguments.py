@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from transformers import Seq2SeqTrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
@@ -95,6 +95,20 @@ def moe_config_from_arguments(moe_args: object, seed: int) -> MoEConfig:
     values = dataclasses.asdict(moe_args)
     moe_seed = values.pop("moe_seed")
     return MoEConfig(**values, seed=seed if moe_seed is None else moe_seed)
+
+
+# The run folder's description of itself: which command made it, with every argument (read by `mixt5 report`).
+RUN_FILE = "run.json"
+
+
+def run_description(command: str, *arguments: Any) -> dict[str, Any]:
+    """`run.json`'s content: the command and its parsed arguments, one group per dataclass (`ModelArguments` →
+    "model", `DataArguments` → "data", `MoEArguments` → "moe", `MixT5TrainingArguments` → "training")."""
+    groups = {}
+    for group in arguments:
+        name = type(group).__name__.removeprefix("MixT5").removesuffix("Arguments").lower()
+        groups[name] = group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group)
+    return {"command": command, "arguments": groups}
 
 
 def read_engine_config(flag: str, value: object) -> dict:

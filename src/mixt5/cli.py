@@ -199,8 +199,16 @@ def run_score(argv: Sequence[str]) -> int:
     parser.add_argument("dataset_file", help="SQuAD v1.1 JSON (the gold answers)")
     parser.add_argument("prediction_file", help="JSON object {question id: predicted answer}")
     parser.add_argument("--full", action="store_true", help="also print counts and the study's non-standard variant")
+    parser.add_argument(
+        "--question_scores_file",
+        help="also write each answered question's EM/F1 here (mixt5 train/evaluate write RUN/question_scores.json; "
+        "`mixt5 report` pairs runs on it)",
+    )
     args = parser.parse_args(list(argv))
-    print(json.dumps(score_files(args.dataset_file, args.prediction_file, full=args.full)))
+    metrics = score_files(
+        args.dataset_file, args.prediction_file, full=args.full, question_scores_file=args.question_scores_file
+    )
+    print(json.dumps(metrics))
     return 0
 
 

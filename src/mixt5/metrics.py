@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mixt5.data.squad import load_squad_json
-from mixt5.utils import read_json
+from mixt5.utils import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _IDS_SHOWN = 5
+# Per-question scores of an evaluation, in the run folder beside predictions.json; `mixt5 report` pairs runs on them.
+QUESTION_SCORES_FILE = "question_scores.json"
 
 
 def normalize_answer(s: str) -> str:
@@ -146,16 +148,58 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
 
 
 def score_files(
-    dataset_json: str | os.PathLike, predictions_json: str | os.PathLike, *, full: bool = False
+    dataset_json: str | os.PathLike,
+    predictions_json: str | os.PathLike,
+    *,
+    full: bool = False,
+    question_scores_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score a predictions file against a SQuAD v1.1 file, like the official `evaluate-v1.1.py`.
 
     Returns `{"exact_match": ..., "f1": ...}` as the official script prints it; with `full`, the whole
-    `squad_metrics` dict (the official two keys first, then the counts and the non-standard study variant).
+    `squad_metrics` dict (the official two keys first, then the counts and the non-standard study variant). With
+    `question_scores_file`, also writes the per-question scores of the questions the predictions answer (a run
+    evaluated with `--max_eval_samples N` answered the first N) as `mixt5 train` / `evaluate` write them.
     """
     examples = load_squad_json(dataset_json, split_name="evaluation")
     if examples.version != "1.1":
         logger.warning("%s: evaluation expects v-1.1, but got dataset with v-%s", examples.source, examples.version)
     gold = {example.id: example.answers for example in examples}
-    metrics = squad_metrics(gold, read_predictions(predictions_json), include_study_variant=full)
+    predictions = read_predictions(predictions_json)
+    metrics = squad_metrics(gold, predictions, include_study_variant=full)
+    if question_scores_file is not None:
+        answered = {qid: answers for qid, answers in gold.items() if qid in predictions}
+        if not answered:
+            raise ValueError(f"{os.fspath(predictions_json)}: answers none of the questions of {examples.source}")
+        write_question_scores(question_scores_file, answered, predictions)
     return metrics if full else {"exact_match": metrics["exact_match"], "f1": metrics["f1"]}
+
+
+def write_question_scores(
+    path: str | os.PathLike, gold: Mapping[str, list[str]], predictions: Mapping[str, str]
+) -> None:
+    """Write each gold question's official EM (0/1) and F1 (0..1), in the order of `gold`, as JSON:
+    `{"metric": "squad-v1.1", "columns": ["exact_match", "f1"], "scores": {id: [em, f1], ...}}`.
+
+    Their means times 100 are `squad_metrics`' exact match and F1; `mixt5 report` reads them to pair runs question
+    by question without loading the data set again.
+    """
+    scores = per_question_scores(gold, predictions)
+    write_json_atomic(
+        path,
+        {"metric": "squad-v1.1", "columns": ["exact_match", "f1"], "scores": {q: list(s) for q, s in scores.items()}},
+        indent=None,
+    )
+
+
+def read_question_scores(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
+    """`{id: (exact match, F1)}` from a file of `write_question_scores`, in its order; `ValueError` naming the file
+    if it is not one."""
+    data = read_json(path)
+    scores = data.get("scores") if isinstance(data, dict) else None
+    if not isinstance(scores, dict) or data.get("columns") != ["exact_match", "f1"]:
+        raise ValueError(f"{os.fspath(path)}: not a question-scores file (expected columns exact_match, f1)")
+    try:
+        return {qid: (float(em), float(f1)) for qid, (em, f1) in scores.items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{os.fspath(path)}: a question's scores are not [exact_match, f1] numbers") from err

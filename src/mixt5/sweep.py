@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from .report import MANIFEST, run_status, write_report, write_results
+from .report import MANIFEST, missing_markdown, run_status, table_markdown, write_report, write_results
 from .utils import atomic_output_dir, atomic_write, read_json, write_json_atomic
 
 Command = Literal["train", "evaluate"]
@@ -471,7 +471,7 @@ def main(argv: Sequence[str]) -> int:
         execute(runs, output_dir, launcher=args.launcher, launcher_args=launcher_args)
 
     summary = write_results(output_dir) if args.no_report else write_report(output_dir)[1]
-    print(summary.table_markdown() + "\n\n" + summary.missing_markdown())
+    print(table_markdown(summary) + "\n\n" + missing_markdown(summary))
     written = ["results.md", "results.csv", "results.json"] + ([] if args.no_report else ["report.md", "plots/"])
     print(f"\nwrote {', '.join(str(output_dir / name) for name in written)}")
     missing = [run for run in runs if run.status() != "done"]

@@ -1,7 +1,11 @@
 """`mixt5 train` / `mixt5 evaluate`: SQuAD as text-to-text QA on `Seq2SeqTrainer`, dense or upcycled to MoE.
 
-build model → load and tokenise data → `MixT5Trainer` → train → evaluate → write the model, predictions.json and
-metrics.json into `output_dir`. One code path for one process and for `accelerate launch` / `torchrun`.
+build model → load and tokenise data → `MixT5Trainer` → train → evaluate → write the model and the run's results into
+`output_dir`. One code path for one process and for `accelerate launch` / `torchrun`.
+
+A run folder describes itself, so that `mixt5 report` only reads files: `run.json` (the command and every argument),
+`metrics.json`, `predictions.json`, `question_scores.json` (each question's EM and F1, keyed by id),
+`diagnostics.jsonl` (routing and expert similarity of MoE models) and, for training, `trainer_state.json`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,20 @@ from transformers import (
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
-from .arguments import DataArguments, MixT5TrainingArguments, ModelArguments, MoEArguments, moe_config_from_arguments
+from .arguments import (
+    RUN_FILE,
+    DataArguments,
+    MixT5TrainingArguments,
+    ModelArguments,
+    MoEArguments,
+    moe_config_from_arguments,
+    run_description,
+)
 from .config import MixT5Config, MoEConfig
 from .data.sources import load_split
 from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
 from .diagnostics import RoutingDiagnosticsCallback
+from .metrics import QUESTION_SCORES_FILE, write_question_scores
 from .modeling import MixT5PreTrainedModel
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
@@ -113,12 +126,19 @@ def _save_final(trainer: MixT5Trainer, output_dir: str) -> None:
 
 
 def _write_results(
-    trainer: MixT5Trainer, output_dir: str, metrics: dict[str, Any], evaluator: SquadEvaluator | None
+    trainer: MixT5Trainer,
+    output_dir: str,
+    metrics: dict[str, Any],
+    evaluator: SquadEvaluator | None,
+    description: dict[str, Any],
 ) -> None:
+    """The run's files (see the module docstring); metrics.json last, so that its presence means the rest is there."""
     if not trainer.is_world_process_zero():
         return
+    write_json_atomic(Path(output_dir) / RUN_FILE, description)
     if evaluator is not None and evaluator.last_predictions:
         write_json_atomic(Path(output_dir) / "predictions.json", evaluator.last_predictions)
+        write_question_scores(Path(output_dir) / QUESTION_SCORES_FILE, evaluator.gold, evaluator.last_predictions)
     write_json_atomic(Path(output_dir) / "metrics.json", metrics)
 
 
@@ -194,7 +214,8 @@ def run_training(
     trainer.log_metrics("train", metrics["train"])
     if "eval" in metrics:
         trainer.log_metrics("eval", metrics["eval"])
-    _write_results(trainer, training_args.output_dir, metrics, evaluator)
+    arguments = (model_args, data_args, *((moe_args,) if model_args.enable_moe else ()), training_args)
+    _write_results(trainer, training_args.output_dir, metrics, evaluator, run_description("train", *arguments))
     trainer.save_state()
     return metrics
 
@@ -211,6 +232,8 @@ def run_evaluation(
     add_prompt_special_tokens(tokenizer, model, data_args.prompt_format)
     features, stats = prepare_features(examples, tokenizer, data_args, "validation")
     evaluator = SquadEvaluator(examples, tokenizer, stats)
+    diagnostics = RoutingDiagnosticsCallback()
+    diagnostics.attach(model)  # an evaluation's routing, as training records it (a no-op for dense models)
     trainer = MixT5Trainer(
         model=model,
         args=training_args,
@@ -218,10 +241,12 @@ def run_evaluation(
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         compute_metrics=evaluator,
+        callbacks=[diagnostics],
     )
     metrics = trainer.evaluate()
     os.makedirs(training_args.output_dir, exist_ok=True)
-    _write_results(trainer, training_args.output_dir, metrics, evaluator)
+    description = run_description("evaluate", model_args, data_args, training_args)
+    _write_results(trainer, training_args.output_dir, metrics, evaluator, description)
     return metrics
 
 
