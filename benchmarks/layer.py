@@ -28,6 +28,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerFF
 
 from mixt5 import MixT5Config
+from mixt5._compat import set_experts_implementation
 from mixt5.modeling import MixT5LayerSparseFF
 from mixt5.modeling.experts import default_kernel
 
@@ -141,7 +142,7 @@ def build_layers(
     ):
         layer = copy.deepcopy(base)
         layer.experts.config = copy.copy(moe_config)
-        layer.experts.config._experts_implementation = implementation
+        set_experts_implementation(layer.experts.config, implementation)
         if name == "hf_eager":
             layer.experts.forward = types.MethodType(transformers_eager_experts_forward, layer.experts)
         layers[name] = layer

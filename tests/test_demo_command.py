@@ -9,11 +9,12 @@ import pytest
 
 from mixt5 import demo
 from mixt5.cli import main
+from mixt5.data import demo as demo_data
 from mixt5.metrics import gold_answers_from_squad_json, squad_metrics
 
 
 def test_missing_checkpoint_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "DEMO_MODEL", tmp_path / "nowhere")
+    monkeypatch.setattr(demo_data, "DEMO_CHECKPOINT", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"nowhere.*make_demo_checkpoint"):
         demo.main(["--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

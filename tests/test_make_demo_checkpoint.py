@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mixt5.data.demo import pretraining_documents
-from mixt5.demo import DEMO_MODEL
+from mixt5.data.demo import DEMO_CHECKPOINT, pretraining_documents
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_checkpoint.py"
 
@@ -45,5 +44,5 @@ def test_random_spans_are_disjoint_and_cover_the_density(script, n: int) -> None
 def test_shipped_tokenizer_is_what_the_script_makes(script) -> None:
     documents = [d.text for d in pretraining_documents(20000, seed=1)]  # the script's defaults: seed 0 + 1
     made = script.train_tokenizer(script.tokenizer_corpus(documents), 2100)
-    shipped = json.loads((DEMO_MODEL / "tokenizer.json").read_text())
+    shipped = json.loads((DEMO_CHECKPOINT / "tokenizer.json").read_text())
     assert made.get_vocab() == {piece: i for i, (piece, _) in enumerate(shipped["model"]["vocab"])}

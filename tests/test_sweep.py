@@ -9,8 +9,9 @@ import time
 import pytest
 import yaml
 
-from mixt5 import demo, sweep
+from mixt5 import sweep
 from mixt5.cli import main
+from mixt5.data import demo as demo_data
 from mixt5.metrics import gold_answers_from_squad_json
 from mixt5.utils import write_json_atomic
 from tiny import SAMPLE_SQUAD
@@ -171,7 +172,7 @@ def test_example_specs_are_valid_and_start_with_their_command(path, tmp_path):
 
 
 def test_missing_demo_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "DEMO_MODEL", tmp_path / "nowhere")
+    monkeypatch.setattr(demo_data, "DEMO_CHECKPOINT", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"the bundled demo checkpoint .*nowhere"):
         sweep.plan_sweep(sweep.load_spec("mini-ci"), tmp_path)
 

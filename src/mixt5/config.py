@@ -7,6 +7,7 @@ with the Auto classes in `mixt5.modeling`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -21,6 +22,7 @@ RouterType = Literal["topk", "noisy_topk", "expert_choice"]
 RouterInit = Literal["linear_default", "normal", "zeros"]
 STACKS = ("encoder", "decoder")
 
+_MOE_CACHE = "_moe_config_cache"  # MixT5Config's cached `MoEConfig`, kept out of config.json
 _LAYER_SPEC = re.compile(r"^(all|none|(first|last|every):(\d+))$")
 
 
@@ -251,8 +253,27 @@ class MixT5Config(T5Config):
 
     @property
     def moe_config(self) -> MoEConfig:
-        return MoEConfig.from_dict(self.moe)
+        """The `moe` settings as a validated `MoEConfig`, built once (and again only if `moe` has changed since).
+
+        `moe` stays a plain dict (the `moe` block of `config.json`), so checkpoints load as they always have.
+        """
+        cached = self.__dict__.get(_MOE_CACHE)
+        if cached is None or cached[0] != self.moe:
+            cached = (copy.deepcopy(self.moe), MoEConfig.from_dict(self.moe))
+            self.__dict__[_MOE_CACHE] = cached  # not through __setattr__: the cache is no config field
+        return cached[1]
 
     @property
     def num_experts(self) -> int:
-        return self.moe["num_experts"]
+        return self.moe_config.num_experts
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop(_MOE_CACHE, None)
+        return output
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MixT5Config):
+            return super().__eq__(other)
+        fields = {k: v for k, v in self.__dict__.items() if k != _MOE_CACHE}
+        return fields == {k: v for k, v in other.__dict__.items() if k != _MOE_CACHE}

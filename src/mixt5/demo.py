@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
+from .data import demo as demo_data
 from .data.demo import most_frequent_answer, write_demo_splits
 from .metrics import gold_answers_from_squad_json, squad_metrics
 from .utils import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
-
-DEMO_MODEL = Path(__file__).resolve().parent / "resources" / "demo-t5"
 
 # Sizes and hyper-parameters of the embedded default (see docs/demo.md for how they were chosen).
 TRAIN_PARAGRAPHS = 1000
@@ -57,7 +56,7 @@ def _train(name: str, data: tuple[Path, Path], output_dir: Path, seed: int, extr
     from .train import parse_train_args, run_training
 
     argv = [
-        "--model_name_or_path", str(DEMO_MODEL),
+        "--model_name_or_path", str(demo_data.DEMO_CHECKPOINT),
         "--train_file", str(data[0]),
         "--validation_file", str(data[1]),
         "--output_dir", str(output_dir / name),
@@ -139,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="mixt5-demo", help="where data, runs and results go")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv or []))
-    if not (DEMO_MODEL / "config.json").is_file():
-        raise FileNotFoundError(f"the demo checkpoint is missing at {DEMO_MODEL}; run scripts/make_demo_checkpoint.py")
+    checkpoint = demo_data.DEMO_CHECKPOINT
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"the demo checkpoint is missing at {checkpoint}; run scripts/make_demo_checkpoint.py")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.output_dir)
     start = time.perf_counter()

@@ -27,15 +27,6 @@ _EXPERT_KEY = re.compile(r"^(.*\.layer\.\d+)\.experts\.(\d+)\.(wi_0|wi_1|wi|wo)\
 _GATE_KEY = re.compile(r"^(.*\.layer\.\d+)\.gate\.weight$")
 
 
-def is_seed_checkpoint(path: str | Path) -> bool:
-    """True when `path/config.json` is a study-fork MoE config (`activate_moe: true`)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return False
-    with open(config_file, encoding="utf-8") as handle:
-        return bool(json.load(handle).get("activate_moe"))
-
-
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: safetensors (single or sharded) or `pytorch_model.bin`."""
     files = sorted(path.glob("*.safetensors"))

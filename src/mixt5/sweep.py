@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from .data import demo as demo_data
 from .report import MANIFEST, missing_markdown, run_status, table_markdown, write_report, write_results
 from .utils import atomic_output_dir, atomic_write, read_json, write_json_atomic
 
@@ -226,9 +227,7 @@ class PlannedRun:
 
 def demo_checkpoint() -> Path:
     """The bundled small pretrained T5 of the offline demo; a clear error where this installation lacks it."""
-    from . import demo  # read at call time, so that tests can point it elsewhere
-
-    path = demo.DEMO_MODEL
+    path = demo_data.DEMO_CHECKPOINT  # read at call time, so that tests can point it elsewhere
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the spec uses the model `{DEMO_MODEL}`, the bundled demo checkpoint {path}, which this installation "
@@ -326,10 +325,8 @@ def prepare_data(runs: Sequence[PlannedRun], output_dir: str | os.PathLike) -> N
     wanted = {str(demo_dir / name) for name in DEMO_SPLITS.values()}
     if demo_dir.is_dir() or not any(arg in wanted for run in runs for arg in run.argv):
         return
-    from .data.demo import write_demo_splits
-
     with atomic_output_dir(demo_dir) as staging:
-        write_demo_splits(staging)
+        demo_data.write_demo_splits(staging)
 
 
 def write_manifest(spec: SweepSpec, spec_text: str, source: str, runs: Sequence[PlannedRun], output_dir: Path) -> None:

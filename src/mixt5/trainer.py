@@ -13,6 +13,7 @@ from transformers import EvalPrediction, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
+from ._compat import TrainerHooksMixin
 from .data.squad import SquadExamples, TruncationStats
 from .metrics import squad_metrics
 from .modeling import MixT5PreTrainedModel, router_logits_to_expert_load
@@ -82,7 +83,7 @@ def share_t5_embedding_modules(model: torch.nn.Module) -> None:
             stack.embed_tokens = shared
 
 
-class MixT5Trainer(Seq2SeqTrainer):
+class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
     """`Seq2SeqTrainer` that also logs the router aux/z losses, dropped assignments and per-layer expert load."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -172,18 +173,17 @@ class MixT5Trainer(Seq2SeqTrainer):
                     sums[f"moe/load/{name}/e{expert}"] += fraction
         self._moe_steps += 1
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        sampler = super()._get_train_sampler(train_dataset)
-        if type(sampler) is LengthGroupedSampler:
+    def train_sampler(self, default: torch.utils.data.Sampler | None) -> torch.utils.data.Sampler | None:
+        if type(default) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             # Group by the global batch of an optimizer step, not one process's share: accelerate deals the sampler's
             # order out to the processes batch by batch, so the same global batch gives the same examples per step
             # whether it runs as 4 x 1 process or 2 x 2 processes.
-            global_batch = sampler.batch_size * max(1, self.args.world_size)
-            return ResumableLengthGroupedSampler(global_batch, sampler.lengths, seed)
-        return sampler
+            global_batch = default.batch_size * max(1, self.args.world_size)
+            return ResumableLengthGroupedSampler(global_batch, default.lengths, seed)
+        return default
 
-    def _get_eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
+    def eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
         """Keep the evaluation set in order: predictions are matched to question ids by position.
 
         transformers 5 applies `train_sampling_strategy="group_by_length"` to evaluation too, which would reorder it.
@@ -192,7 +192,7 @@ class MixT5Trainer(Seq2SeqTrainer):
             return None
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None  # distributed: sharded in order
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+    def eval_gather_function(self) -> Any:
         """Gather each question's answer once from all processes.
 
         `Seq2SeqTrainer.evaluate` switches to `accelerator.gather`, which keeps the examples that distributed sharding
@@ -200,10 +200,9 @@ class MixT5Trainer(Seq2SeqTrainer):
         processes would score duplicates. Evaluation here generates one answer per question (`SquadEvaluator` checks
         the count), so `gather_for_metrics`, which drops those repeats, is right; the eval loss then skips them too.
         """
-        self.gather_function = functools.partial(
+        return functools.partial(
             self.accelerator.gather_for_metrics, use_gather_object=self.args.eval_use_gather_object
         )
-        return super().evaluation_loop(*args, **kwargs)
 
     def _reduce_moe_stats(self) -> dict[str, float]:
         """The MoE averages since the last log, reduced over processes (one collective per log, not per step).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from transformers.models.t5.modeling_t5 import T5EncoderModel, T5ForConditionalG
 
 from .config import MixT5Config, MoEConfig
 from .modeling.modeling_mixt5 import MixT5EncoderModel, MixT5ForConditionalGeneration, MixT5PreTrainedModel
+from .modeling.router import init_router_weight_
 
 # Dense class -> MixT5 class (MT5's modules mirror T5's, parameter names included; flan-t5 is T5).
 SUPPORTED = {
@@ -107,18 +107,6 @@ def build_experts(dense_ff: nn.Module, moe: MoEConfig, generator: torch.Generato
     }
 
 
-def _init_router(weight: torch.Tensor, moe: MoEConfig, generator: torch.Generator) -> torch.Tensor:
-    """A fresh router weight (E, d_model); `linear_default` is `nn.Linear`'s own init, as the study used."""
-    router = torch.empty(weight.shape)
-    if moe.router_init == "linear_default":
-        nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
-    elif moe.router_init == "normal":
-        nn.init.normal_(router, std=moe.router_init_std, generator=generator)
-    else:
-        nn.init.zeros_(router)
-    return router
-
-
 def mixt5_config_from_dense(
     dense_config: Any, moe: MoEConfig, layer_indices: dict[str, list[int]], provenance: dict[str, Any]
 ) -> MixT5Config:
@@ -184,7 +172,8 @@ def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base
                 state[f"{prefix}.experts.{name}"] = tensor
             router_weight = moe_state[f"{prefix}.router.weight"]
             device, dtype = dense_ff.wo.weight.device, dense_ff.wo.weight.dtype
-            state[f"{prefix}.router.weight"] = _init_router(router_weight, moe, generator).to(device, dtype)
+            router = init_router_weight_(torch.empty(router_weight.shape), moe, generator)  # fp32 on CPU: seeded
+            state[f"{prefix}.router.weight"] = router.to(device, dtype)
             if f"{prefix}.router.noise_weight" in moe_state:
                 state[f"{prefix}.router.noise_weight"] = torch.zeros(router_weight.shape, device=device, dtype=dtype)
     missing = sorted(set(moe_state) - set(state))

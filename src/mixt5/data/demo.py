@@ -26,6 +26,10 @@ from typing import Any, Literal
 
 NamePool = Literal["train", "heldout"]
 
+# The small pretrained dense T5 shipped for the demo (made by scripts/make_demo_checkpoint.py on this module's text);
+# `mixt5 demo` fine-tunes it and sweeps name it `demo`. Read at call time, so that tests can point it elsewhere.
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "resources" / "demo-t5"
+
 _ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "st", "tr", "sh")
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "", "", "n", "r", "l", "s")

@@ -42,8 +42,8 @@ from transformers.activations import (
     NewGELUActivation,
     SiLUActivation,
 )
-from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
+from .._compat import experts_class, register_experts_kernel
 from ..config import MixT5Config
 
 Kernel = Literal["mm", "grouped_mm"]
@@ -54,7 +54,8 @@ MIXT5_IMPLEMENTATIONS: dict[str, Kernel | None] = {"eager": None, "mixt5_mm": "m
 def handles_unused_slots(experts_implementation: str | None) -> bool:
     """Whether the implementation skips slots whose expert id is the sentinel `num_experts` (MixT5's do).
 
-    transformers' kernels know no sentinel: the caller clamps those slots to expert 0 (their weight is 0).
+    transformers' kernels know no sentinel: the caller sends those slots to expert 0 with weight 0
+    (`mixt5._compat.index_for_transformers_kernels`).
     """
     return experts_implementation is None or experts_implementation in MIXT5_IMPLEMENTATIONS
 
@@ -478,10 +479,10 @@ def _registered(kernel: Kernel) -> Callable[..., torch.Tensor]:
 
 for _name, _kernel in MIXT5_IMPLEMENTATIONS.items():
     if _kernel is not None:
-        ExpertsInterface.register(_name, _registered(_kernel))
+        register_experts_kernel(_name, _registered(_kernel))
 
 
-@use_experts_implementation(has_gate=True)
+@experts_class(has_gate=True)
 class MixT5GatedExperts(nn.Module):
     """Experts of a gated-activation T5 FF block (`T5DenseGatedActDense`): fused gate/up projection."""
 
@@ -504,7 +505,7 @@ class MixT5GatedExperts(nn.Module):
         return sorted_dispatch(self, hidden_states, top_k_index, top_k_weights)
 
 
-@use_experts_implementation(has_gate=False)
+@experts_class(has_gate=False)
 class MixT5Experts(nn.Module):
     """Experts of a non-gated T5 FF block (`T5DenseActDense`, t5 v1.0 ReLU)."""
 

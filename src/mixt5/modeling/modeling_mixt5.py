@@ -9,7 +9,6 @@ small additions ride on top:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ from transformers.models.t5.modeling_t5 import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from .._compat import ExpertsImplementationMixin, init_submodel_with
 from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
 from .experts import MixT5Experts, MixT5GatedExperts
-from .router import MixT5Router, RouterOutput
+from .router import MixT5Router, RouterOutput, init_router_weight_
 from .sparse_ff import MixT5LayerSparseFF
 
 
@@ -87,32 +87,18 @@ def _stack_token_mask_hook(stack: T5Stack, args: tuple, kwargs: dict[str, Any]) 
             block.layer[-1].token_mask = mask
 
 
-class MixT5PreTrainedModel(T5PreTrainedModel):
+class MixT5PreTrainedModel(ExpertsImplementationMixin, T5PreTrainedModel):
     config_class = MixT5Config
     config: MixT5Config
     # `down_proj` is the experts' `wo`: kept in fp32 under fp16 like T5's `wo`
     _keep_in_fp32_modules: ClassVar[list[str]] = ["wo", "down_proj"]
-
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True  # the experts use `use_experts_implementation` (transformers greps the model's module for it)
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Unless asked otherwise, use MixT5's own dispatch ("eager"); transformers would default to grouped_mm."""
-        return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         factor = self.config.initializer_factor
         if isinstance(module, MixT5Router):
-            moe = self.config.moe_config
-            if moe.router_init == "linear_default":  # what a fresh nn.Linear(d_model, E, bias=False) gets
-                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            elif moe.router_init == "normal":
-                init.normal_(module.weight, mean=0.0, std=moe.router_init_std)
-            else:
-                init.zeros_(module.weight)
+            init_router_weight_(module.weight, self.config.moe_config)
             if hasattr(module, "noise_weight"):
                 init.zeros_(module.noise_weight)
         elif isinstance(module, MixT5GatedExperts | MixT5Experts):  # T5's dense FF init, per expert
@@ -130,9 +116,7 @@ class MixT5PreTrainedModel(T5PreTrainedModel):
             for index in indices:
                 stack.block[index].layer[-1] = MixT5LayerSparseFF(self.config, moe.router_type_for(stack_name))
             stack.register_forward_pre_hook(_stack_token_mask_hook, with_kwargs=True)
-            # transformers initialises a sub-model (the T5Stack) with its own class's `_init_weights`, which does
-            # not know the router and experts: route the stack's init through ours.
-            stack._init_weights = self._init_weights
+            init_submodel_with(stack, self._init_weights)  # the stack's own init knows no router or experts
 
     def sparse_layers(self) -> Iterator[tuple[str, int, MixT5LayerSparseFF]]:
         """(stack name, block index, layer) for every MoE layer, encoder first."""

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from ..config import MoEConfig
 
@@ -35,6 +36,19 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """Slots per expert: `ceil(capacity_factor * tokens * top_k / num_experts)`, at least 1."""
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def init_router_weight_(weight: torch.Tensor, moe: MoEConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initialise a router weight (num_experts, d_model) in place per `moe.router_init`, and return it.
+
+    `linear_default` is what a fresh `nn.Linear(d_model, num_experts, bias=False)` gets (the study's router). The
+    `transformers.initialization` functions leave a weight alone that `from_pretrained` already loaded.
+    """
+    if moe.router_init == "linear_default":
+        return init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    if moe.router_init == "normal":
+        return init.normal_(weight, mean=0.0, std=moe.router_init_std, generator=generator)
+    return init.zeros_(weight)
 
 
 class MixT5Router(nn.Module):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
+from .._compat import experts_implementation, index_for_transformers_kernels
 from ..config import MixT5Config
 from .experts import MixT5Experts, MixT5GatedExperts, handles_unused_slots
 from .router import MixT5Router, RouterOutput
@@ -40,9 +41,8 @@ class MixT5LayerSparseFF(nn.Module):
             token_mask = token_mask[:, -seq_len:].reshape(-1).bool() if fits else None
         routing = self.router(normed, token_mask)
         expert_index = routing.expert_index
-        if not handles_unused_slots(self.experts.config._experts_implementation):
-            # transformers' kernels know no sentinel: send unused slots to expert 0 with weight 0
-            expert_index = expert_index.clamp(max=self.experts.num_experts - 1)
+        if not handles_unused_slots(experts_implementation(self.experts.config)):
+            expert_index = index_for_transformers_kernels(expert_index, self.experts.num_experts)
         expert_output = self.experts(normed, expert_index, routing.expert_weights)
         if torch.is_grad_enabled() and not expert_output.requires_grad:
             expert_output = expert_output + self._zero_gradient_term()

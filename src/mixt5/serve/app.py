@@ -159,7 +159,7 @@ class AnswerService:
             "num_moe_layers": len(layers["encoder"]) + len(layers["decoder"]),
             "moe_layers": layers,
             "num_experts": model.config.num_experts if self.predictor.is_moe else 0,
-            "top_k": model.config.moe["top_k"] if self.predictor.is_moe else 0,
+            "top_k": model.config.moe_config.top_k if self.predictor.is_moe else 0,
             "generation": asdict(self.defaults),
             "limits": {
                 name: getattr(args, name)

@@ -1,0 +1,136 @@
+"""Every place MixT5 relies on a private or version-specific part of `transformers`, and nothing else.
+
+Each entry says what we rely on; `tests/test_compat.py` has one contract test per entry that fails loudly when a
+transformers release breaks it. `pyproject.toml` pins transformers to the minor versions CI tests: to move the pin,
+install the new version, run `python -m pytest -q tests/test_compat.py` first, fix the entries that fail here (and
+only here), then run the whole suite and widen the pin.
+
+Imports: transformers only (this module sits below `config`, so every MixT5 module may use it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.loss.loss_utils import LOSS_MAPPING
+
+# --- Experts kernels (`transformers.integrations.moe`, transformers >= 5) --------------------------------------------
+
+
+def experts_class(*, has_gate: bool) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: the experts' `forward` dispatches on `config._experts_implementation` (transformers'
+    `use_experts_implementation`).
+
+    We rely on: the decorated instance keeps `config` and gets `has_gate` (the weights are `gate_up_proj` when True,
+    `up_proj` when False: the keyword appeared in transformers 5 and its default is True), and its `forward` is the
+    kernel registered under the config's implementation, the class's own `forward` for "eager".
+    """
+    return use_experts_implementation(has_gate=has_gate)
+
+
+def register_experts_kernel(name: str, forward: Callable[..., torch.Tensor]) -> None:
+    """Make `forward(experts, hidden_states, top_k_index, top_k_weights)` the kernel `experts_implementation=name`."""
+    ExpertsInterface.register(name, forward)
+
+
+def experts_implementation(config: Any) -> str | None:
+    """The experts kernel a model runs with: transformers keeps it in the private `config._experts_implementation`
+    (set by `from_pretrained(..., experts_implementation=...)` and `set_experts_implementation`)."""
+    return getattr(config, "_experts_implementation", None)
+
+
+def set_experts_implementation(config: Any, implementation: str) -> None:
+    """Set the kernel on a config directly (a lone layer has no model to call `set_experts_implementation` on)."""
+    config._experts_implementation = implementation
+
+
+def index_for_transformers_kernels(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routing indices that transformers' experts kernels accept: unused slots sent to expert 0 (their weight is 0).
+
+    transformers' `batched_mm` indexes the weights with every slot's expert id (`gate_up_proj[expert_ids]`) and treats
+    the id `num_experts` as "unused" only under expert parallelism; its `grouped_mm` skips it, but older releases did
+    not. Expert 0 with weight 0 adds nothing to any token, whichever kernel runs.
+    """
+    return expert_index.clamp(max=num_experts - 1)
+
+
+class ExpertsImplementationMixin:
+    """For `PreTrainedModel` subclasses whose experts live in another module than the model class.
+
+    transformers decides whether a model may switch its experts kernel by grepping the model class's module source
+    for `@use_experts_implementation` (`_can_set_experts_implementation`, private); ours is in `modeling/experts.py`.
+    `get_correct_experts_implementation` (transformers 5) picks the default: here MixT5's own dispatch, "eager".
+    """
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
+
+
+# --- Weight initialisation -------------------------------------------------------------------------------------------
+
+
+def init_submodel_with(submodel: nn.Module, init_weights: Callable[[nn.Module], None]) -> None:
+    """Initialise the modules under `submodel` (a `PreTrainedModel` inside the model, e.g. a `T5Stack`) with
+    `init_weights`.
+
+    transformers' `initialize_weights` initialises a sub-model with its own `_init_weights` (private), which knows
+    only its own class's modules; we put the outer model's in its place.
+    """
+    submodel._init_weights = init_weights
+
+
+# --- Losses ---------------------------------------------------------------------------------------------------------
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of `logits` (..., vocab) against `labels` (...), -100 ignored, unshifted, in float32 at least.
+
+    transformers' `ForMaskedLM` loss (`transformers.loss.loss_utils.LOSS_MAPPING`): the sum over the label tokens
+    divided by `num_items_in_batch` when given (the Trainer's count over a whole optimizer step), else their mean.
+    """
+    return LOSS_MAPPING["ForMaskedLM"](logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
+# --- Trainer hooks ---------------------------------------------------------------------------------------------------
+
+
+class TrainerHooksMixin:
+    """Put before `Trainer` in the bases; implement the public-named methods it calls.
+
+    - `train_sampler(default)`: the training sampler, given Trainer's own choice (`_get_train_sampler`, private;
+      Trainer builds the training dataloader with it).
+    - `eval_sampler(dataset)`: the evaluation sampler (`_get_eval_sampler`, private).
+    - `eval_gather_function()`: how `evaluation_loop` gathers across processes (the private `gather_function`, which
+      `Seq2SeqTrainer.evaluate` / `predict` reset before each call to `evaluation_loop`); None keeps Trainer's.
+    """
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        return self.train_sampler(super()._get_train_sampler(train_dataset))
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
+        return self.eval_sampler(eval_dataset)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        gather = self.eval_gather_function()
+        if gather is not None:
+            self.gather_function = gather
+        return super().evaluation_loop(*args, **kwargs)
+
+    def train_sampler(self, default: torch.utils.data.Sampler | None) -> torch.utils.data.Sampler | None:
+        return default
+
+    def eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
+        return super()._get_eval_sampler(eval_dataset)
+
+    def eval_gather_function(self) -> Callable[..., Any] | None:
+        return None
