@@ -10,6 +10,10 @@ Kernels, chosen with transformers' `experts_implementation` (`from_pretrained(..
 - "eager" (MixT5's default): `sorted_dispatch` below, with its GEMM kernel picked by device: "grouped_mm"
   (`torch.nn.functional.grouped_mm`) on CUDA in bf16 where the kernel exists (SM80+), else the hand-written "mm"
   loop. `benchmarks/` measures both against each other and against transformers' kernels.
+  The "grouped_mm" kernel keeps the sort, the per-expert offsets and every shape on the device (`dispatch_plan`
+  with `on_device=True`): on CUDA in bf16 the layer never synchronises with the host, forward or backward, and
+  can run inside a CUDA graph (`torch.compile(mode="reduce-overhead")`, transformers' static-cache decoding).
+  The "mm" loop reads the per-expert counts on the host (one synchronisation per layer) to plan its blocks.
 - "mixt5_mm" / "mixt5_grouped_mm": `sorted_dispatch` with that kernel forced (registered with transformers).
 - transformers' own "grouped_mm", "batched_mm", ...: transformers' kernels, unchanged.
 
@@ -73,33 +77,51 @@ class ActivationDropout(nn.Module):
 
 
 class DispatchPlan(NamedTuple):
-    """Where each (token, slot) pair goes once the pairs are sorted by expert; built once per layer call."""
+    """Where each (token, slot) pair goes once the pairs are sorted by expert; built once per layer call.
 
-    token_of_pair: torch.Tensor  # (pairs,) token of each assigned pair, pairs grouped by expert
+    Two forms, one index computation (`dispatch_plan`):
+    - host plan ("mm" kernel): `counts` on the host (one synchronisation), the pairs trimmed to the assigned ones;
+    - device plan ("grouped_mm" kernel): `offsets` stay on the device and all tokens x slots pairs are kept, the
+      unused (sentinel) ones sorted last, past `offsets[-1]`, where the grouped GEMM skips them. No tensor's size
+      depends on the routing, so the layer never waits for the device and can be captured in a CUDA graph.
+    """
+
+    token_of_pair: torch.Tensor  # (pairs,) token of each pair, pairs grouped by expert
     slot_of_pair: torch.Tensor  # (pairs,) flat slot id (token * slots + slot) of each pair
     pair_of_slot: torch.Tensor  # (tokens * slots,) row of each slot among the pairs (any row for an unused slot)
     unused_slots: torch.Tensor | None  # (tokens * slots, 1) True for a sentinel slot; None when all are used
-    counts: list[int]  # pairs per expert
+    counts: list[int] | None  # host plan: pairs per expert
+    offsets: torch.Tensor | None  # device plan: (num_experts,) int32, end row of each expert's pairs
     num_tokens: int
     num_slots: int
 
 
-def dispatch_plan(expert_index: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Sort the (token, slot) pairs by expert once (stable: token order within an expert); sentinels go last."""
+def dispatch_plan(expert_index: torch.Tensor, num_experts: int, on_device: bool = False) -> DispatchPlan:
+    """Sort the (token, slot) pairs by expert once (stable: token order within an expert); sentinels go last.
+
+    `on_device`: keep every count on the device (the "grouped_mm" kernel); else copy the per-expert counts to the
+    host (one synchronisation) and drop the unused pairs, as the hand-written "mm" loop needs.
+    """
     num_tokens, num_slots = expert_index.shape
-    flat_index = expert_index.reshape(-1)
-    order = torch.argsort(flat_index, stable=True)
+    flat_index = expert_index.reshape(-1)  # (tokens * slots,)
+    sorted_index, order = torch.sort(flat_index, stable=True)
+    rows = torch.arange(order.numel(), device=order.device)
+    pair_of_slot = torch.empty_like(order).scatter_(0, order, rows)  # inverse permutation
+    unused_slots = (flat_index >= num_experts).unsqueeze(-1)
+    if on_device:
+        # end of expert e's rows = number of sorted ids <= e; `bincount` would synchronise on CUDA (it reads the max)
+        boundaries = torch.arange(1, num_experts + 1, device=order.device, dtype=sorted_index.dtype)
+        offsets = torch.searchsorted(sorted_index, boundaries, out_int32=True)
+        return DispatchPlan(order // num_slots, order, pair_of_slot, unused_slots, None, offsets, num_tokens, num_slots)
     counts = torch.bincount(flat_index, minlength=num_experts + 1)[:num_experts].tolist()  # one host sync
     num_pairs = sum(counts)
-    pair_of_slot = torch.empty_like(order)
-    pair_of_slot[order] = torch.arange(order.numel(), device=order.device)  # inverse permutation
-    unused_slots = None
-    if num_pairs < order.numel():
-        unused_slots = (flat_index >= num_experts).unsqueeze(-1)
+    if num_pairs == order.numel():
+        unused_slots = None
+    else:
         pair_of_slot = pair_of_slot.clamp(max=max(num_pairs - 1, 0))  # a valid row; masked out by `unused_slots`
     slot_of_pair = order[:num_pairs]
     return DispatchPlan(
-        slot_of_pair // num_slots, slot_of_pair, pair_of_slot, unused_slots, counts, num_tokens, num_slots
+        slot_of_pair // num_slots, slot_of_pair, pair_of_slot, unused_slots, counts, None, num_tokens, num_slots
     )
 
 
@@ -143,6 +165,8 @@ class _CombinePairs(torch.autograd.Function):
         out = None
         for slot in range(plan.num_slots):
             rows = pair_out.index_select(0, slot_index[:, slot]).to(weights.dtype)  # (tokens, d_model)
+            if plan.unused_slots is not None:  # their rows may be ones the grouped GEMM left unwritten (NaN * 0)
+                rows.masked_fill_(plan.unused_slots.view_as(weights)[:, slot : slot + 1], 0.0)
             weight = weights[:, slot : slot + 1]
             out = rows.mul_(weight) if out is None else out.addcmul_(rows, weight)
         ctx.plan = plan
@@ -431,8 +455,10 @@ def sorted_dispatch(
     up_weight = experts.gate_up_proj if experts.has_gate else experts.up_proj
     down_weight = experts.down_proj
     kernel = kernel or default_kernel(up_weight, down_weight)
-    plan = dispatch_plan(expert_index, experts.num_experts)
-    if sum(plan.counts) == 0:
+    if expert_index.numel() == 0:
+        return torch.zeros_like(hidden_states)
+    plan = dispatch_plan(expert_index, experts.num_experts, on_device=kernel == "grouped_mm")
+    if plan.counts is not None and sum(plan.counts) == 0:
         return torch.zeros_like(hidden_states)
     pair_inputs = _GatherPairs.apply(hidden_states, plan)  # (pairs, d_model), grouped by expert
     activation = expert_activation(experts)
@@ -447,8 +473,9 @@ def sorted_dispatch(
     )
     with torch.autocast(device_type, enabled=False):
         if kernel == "grouped_mm":
-            offsets = torch.tensor(plan.counts, device=pair_inputs.device).cumsum(0).to(torch.int32)
-            projected = _grouped_mm(pair_inputs, up_weight, offsets)
+            # every pair's row, the unused ones past `offsets[-1]`: the kernel skips them and leaves their output
+            # rows unwritten, which the combine (forward) and the gather's backward mask
+            projected = _grouped_mm(pair_inputs, up_weight, plan.offsets)
             if activation.gated:
                 gate, up = projected.chunk(2, dim=-1)
                 hidden = activation.forward(gate) * up
@@ -456,7 +483,7 @@ def sorted_dispatch(
                 hidden = activation.forward(projected)
             if activation.dropout > 0:
                 hidden = nn.functional.dropout(hidden, activation.dropout)
-            pair_out = _grouped_mm(hidden.to(down_dtype), down_weight, offsets)  # (pairs, d_model)
+            pair_out = _grouped_mm(hidden.to(down_dtype), down_weight, plan.offsets)  # (pairs, d_model)
         else:
             save = torch.is_grad_enabled() and any(t.requires_grad for t in (pair_inputs, up_weight, down_weight))
             rows_per_block = max(1, BLOCK_BYTES // (down_weight.shape[-1] * pair_inputs.element_size()))

@@ -33,8 +33,16 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert: `ceil(capacity_factor * tokens * top_k / num_experts)`, at least 1."""
+def expert_capacity(
+    capacity_factor: float, num_tokens: int | torch.Tensor, top_k: int, num_experts: int
+) -> int | torch.Tensor:
+    """Slots per expert: `ceil(capacity_factor * tokens * top_k / num_experts)`, at least 1.
+
+    `num_tokens` may be a count on the device (real tokens under a padding mask): the capacity then stays there
+    too, computed in float64 in the same order, so the layer does not wait for the device to read it.
+    """
+    if isinstance(num_tokens, torch.Tensor):
+        return (num_tokens.double() * capacity_factor * top_k / num_experts).ceil().clamp(min=1).long()
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
@@ -108,7 +116,7 @@ class MixT5Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop assignments past each expert's capacity; first choices have priority over second ones (GShard)."""
         num_tokens, k = selected_experts.shape
-        num_real = int(token_mask.sum()) if token_mask is not None else num_tokens
+        num_real = token_mask.sum() if token_mask is not None else num_tokens  # on the device: no host sync
         capacity = expert_capacity(self.capacity_factor, num_real, k, self.num_experts)
         # slot-major order: every token's 1st choice, then every token's 2nd choice, ...
         experts_by_slot = selected_experts.t().reshape(-1)  # (k * tokens,)
@@ -126,12 +134,20 @@ class MixT5Router(nn.Module):
     ) -> RouterOutput:
         """Each expert takes its `capacity` highest-probability tokens; a token may get 0..E experts."""
         num_tokens = router_probs.shape[0]
-        num_real = int(token_mask.sum()) if token_mask is not None else num_tokens
-        capacity = min(num_real, expert_capacity(self.capacity_factor or 1.0, num_real, self.top_k, self.num_experts))
+        capacity_factor = self.capacity_factor or 1.0
+        capacity = min(num_tokens, expert_capacity(capacity_factor, num_tokens, self.top_k, self.num_experts))
         scores = router_probs if token_mask is None else router_probs.masked_fill(~token_mask.unsqueeze(-1), -1.0)
-        chosen_tokens = scores.topk(capacity, dim=0).indices  # (capacity, num_experts)
+        chosen_tokens = scores.topk(capacity, dim=0).indices  # (capacity, num_experts), best first
         chosen = torch.zeros_like(router_probs, dtype=torch.bool)
-        chosen.scatter_(0, chosen_tokens, True)  # (tokens, num_experts)
+        if token_mask is None:
+            chosen.scatter_(0, chosen_tokens, True)  # (tokens, num_experts)
+        else:
+            # under padding each expert keeps the first min(real, capacity of the real tokens) of its picks: a
+            # count on the device, so the top-k runs at the bound set by all tokens and nothing waits for the device
+            num_real = token_mask.sum()
+            real_capacity = expert_capacity(capacity_factor, num_real, self.top_k, self.num_experts)
+            keep = torch.arange(capacity, device=chosen.device) < torch.minimum(real_capacity, num_real)
+            chosen.scatter_(0, chosen_tokens, keep.unsqueeze(-1).expand_as(chosen_tokens))
         experts = torch.arange(self.num_experts, device=router_probs.device).expand(num_tokens, -1)
         expert_index = torch.where(chosen, experts, torch.full_like(experts, self.num_experts))
         expert_weights = router_probs * chosen
