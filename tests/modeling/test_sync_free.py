@@ -16,6 +16,7 @@ from test_dispatch import CASES, D_MODEL, _experts, _grads, _reference, _routing
 from transformers import CompileConfig
 
 from mixt5 import MixT5Config, MoEConfig, upcycle
+from mixt5._compat import set_experts_implementation
 from mixt5.modeling import MixT5LayerSparseFF
 from mixt5.modeling import experts as experts_module
 from mixt5.modeling.experts import dispatch_plan, sorted_dispatch
@@ -139,7 +140,7 @@ def test_expert_choice_under_padding_takes_each_experts_best_real_tokens():
 
 def _layer(router_type: str = "topk", device: str = "cpu", dtype=torch.bfloat16, **moe) -> MixT5LayerSparseFF:
     config = MixT5Config(moe={"moe_layers": "all", "num_experts": 4, **moe}, **tiny_config(dropout_rate=0.0).to_dict())
-    config._experts_implementation = "mixt5_grouped_mm"
+    set_experts_implementation(config, "mixt5_grouped_mm")
     layer = MixT5LayerSparseFF(config, router_type)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
