@@ -52,8 +52,10 @@ def _load_dense(name: str, encoder_only: bool, dtype: str) -> Any:
         torch.manual_seed(0)
         config = T5Config(**BUILTIN_MODELS[name])
         return (T5EncoderModel if encoder_only else T5ForConditionalGeneration)(config)
+    from .modeling.tying import load_pretrained
+
     auto_class = AutoModelForTextEncoding if encoder_only else AutoModelForSeq2SeqLM
-    return auto_class.from_pretrained(name, dtype=dtype)
+    return load_pretrained(auto_class, name, dtype=dtype)
 
 
 def run_upcycle(argv: Sequence[str]) -> int:

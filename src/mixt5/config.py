@@ -226,10 +226,19 @@ class MoEConfig:
 class MixT5Config(T5Config):
     """A `T5Config` plus the MoE settings (`moe`), the sparse blocks per stack and where the model came from.
 
+    Unlike `T5Config`, which always says `tie_word_embeddings=True` (the published t5-v1.1, flan-t5 and mt5 configs'
+    `false` only turns off its decoder-output rescale), `MixT5Config` records what the weights are: whether `lm_head`
+    is `shared` (t5 v1.0) or a parameter of its own (v1.1, flan-t5, mt5), and, separately, whether the decoder output
+    is scaled by `d_model**-0.5` before `lm_head` (v1.0 only).
+
     Args:
         moe: `MoEConfig` fields as a dict.
         moe_layer_indices: resolved sparse block indices, `{"encoder": [...], "decoder": [...]}`.
         upcycled_from: provenance: base model, base model type, method, lambda/ratio/std and seed.
+        tie_word_embeddings: `lm_head` is `shared`. MixT5 checkpoints saved before this was recorded say `true`
+            and hold no `lm_head.weight`, so they still load as they were saved: tied.
+        scale_decoder_outputs: rescale the decoder output before `lm_head`; defaults to `tie_word_embeddings`, as
+            T5 derives it.
     """
 
     model_type = "mixt5"
@@ -239,11 +248,18 @@ class MixT5Config(T5Config):
         moe: dict[str, Any] | MoEConfig | None = None,
         moe_layer_indices: dict[str, list[int]] | None = None,
         upcycled_from: dict[str, Any] | None = None,
+        tie_word_embeddings: bool = True,
+        scale_decoder_outputs: bool | None = None,
         **kwargs: Any,
     ) -> None:
         moe_config = moe if isinstance(moe, MoEConfig) else MoEConfig.from_dict(moe or {})
         self.moe = moe_config.to_dict()
         super().__init__(**kwargs)
+        # set after T5Config's __post_init__, which forces tie_word_embeddings=True
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.scale_decoder_outputs = (
+            self.tie_word_embeddings if scale_decoder_outputs is None else bool(scale_decoder_outputs)
+        )
         if moe_layer_indices is None:
             moe_layer_indices = moe_config.resolve_layers(
                 {"encoder": self.num_layers, "decoder": self.num_decoder_layers}

@@ -12,6 +12,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, 
 from .data.squad import PromptFormat, format_prompt
 from .modeling import MixT5PreTrainedModel
 from .modeling.router import RouterOutput
+from .modeling.tying import load_pretrained
 
 
 @dataclass
@@ -43,7 +44,7 @@ class QAPredictor:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = model or AutoModelForSeq2SeqLM.from_pretrained(model_name_or_path)
+        self.model = model or load_pretrained(AutoModelForSeq2SeqLM, model_name_or_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.model_name = model_name_or_path

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import T5Config
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .config import MoEConfig
 from .modeling.modeling_mixt5 import MixT5ForConditionalGeneration
+from .modeling.tying import missing_lm_head_error
 from .upcycle import mixt5_config_from_dense
 from .utils import copy_tokenizer
 
@@ -28,19 +30,26 @@ _GATE_KEY = re.compile(r"^(.*\.layer\.\d+)\.gate\.weight$")
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder: safetensors (single or sharded) or `pytorch_model.bin`."""
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            state.update(load_file(file))
-        return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"{path} holds no *.safetensors or pytorch_model*.bin weights.")
-    state = {}
-    for file in bins:
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    """All tensors of a checkpoint folder, found as `from_pretrained` finds them: `model.safetensors`, sharded
+    safetensors with their index, or a legacy `pytorch_model.bin` (sharded or not), read with transformers' own
+    loader (safetensors, or `torch.load(weights_only=True)` behind its torch-version check)."""
+    files: list[Path] = []
+    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        if (path / single).is_file():
+            files = [path / single]
+        elif (path / index).is_file():
+            with open(path / index, encoding="utf-8") as handle:
+                files = [path / name for name in sorted(set(json.load(handle)["weight_map"].values()))]
+        if files:
+            break
+    if not files:
+        names = ", ".join((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
+        raise FileNotFoundError(f"{path} holds none of {names}.")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in the checkpoint's index but missing.")
+        state.update(load_state_dict(file))
     return state
 
 
@@ -81,7 +90,7 @@ def load_seed_checkpoint(path: str | Path) -> MixT5ForConditionalGeneration:
         raise ValueError(
             f"{path / 'config.json'} is not a study-fork MoE config (missing {missing or ['activate_moe']})."
         )
-    dense_config = T5Config(**{k: v for k, v in raw.items() if k not in SEED_CONFIG_KEYS})
+    dense_config = T5Config(**{k: v for k, v in raw.items() if k not in SEED_CONFIG_KEYS})  # rescale iff tied
     first = raw["num_moe_layers"]
     layer_indices = {
         "encoder": list(range(first, dense_config.num_layers)),
@@ -91,15 +100,22 @@ def load_seed_checkpoint(path: str | Path) -> MixT5ForConditionalGeneration:
         num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"], moe_layers=json.dumps(layer_indices)
     )
     provenance = {"base_model": str(path), "base_model_type": "t5", "method": "seed-format import", "seed": None}
-    config = mixt5_config_from_dense(dense_config, moe, layer_indices, provenance)
+    state = seed_state_dict_to_mixt5(_load_state_dict(path), moe.num_experts)
+    # The fork is transformers 4's T5: `tie_word_embeddings: false` (every v1.1-based checkpoint) means its own
+    # lm_head. A head stored with other values than `shared` is separate whatever the flag says, as in transformers.
+    tied = raw.get("tie_word_embeddings", True) is not False
+    if "lm_head.weight" in state and "shared.weight" in state:
+        tied = tied and torch.equal(state["lm_head.weight"], state["shared.weight"])
+    elif not tied and "lm_head.weight" not in state:
+        raise missing_lm_head_error(path)
+    config = mixt5_config_from_dense(dense_config, moe, layer_indices, provenance, tie_word_embeddings=tied)
     with torch.device("meta"):
         model = MixT5ForConditionalGeneration(config)
-    state = seed_state_dict_to_mixt5(_load_state_dict(path), moe.num_experts)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if k in expected}
-    for tied in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
-        if tied not in state and "shared.weight" in state and (tied != "lm_head.weight" or config.tie_word_embeddings):
-            state[tied] = state["shared.weight"]
+    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        if name not in state and "shared.weight" in state:
+            state[name] = state["shared.weight"]
     missing_keys = sorted(set(expected) - set(state))
     if missing_keys:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing_keys)} weights, e.g. {missing_keys[:3]}.")

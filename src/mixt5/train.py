@@ -46,6 +46,7 @@ from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_da
 from .diagnostics import RoutingDiagnosticsCallback
 from .metrics import QUESTION_SCORES_FILE, write_question_scores
 from .modeling import MixT5PreTrainedModel
+from .modeling.tying import load_pretrained
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
 from .utils import write_json_atomic
@@ -74,7 +75,7 @@ def build_model(model_args: ModelArguments, moe: MoEConfig | None) -> PreTrained
             f"--enable_moe upcycles {source} in every process, but DeepSpeed ZeRO-3 loads it partitioned. Upcycle "
             f"it once first (mixt5 upcycle --model_name_or_path {source} --output_dir DIR [MoE flags]), then train DIR."
         )
-    model = AutoModelForSeq2SeqLM.from_pretrained(source)
+    model = load_pretrained(AutoModelForSeq2SeqLM, source)
     if moe is not None and not isinstance(model, MixT5PreTrainedModel):
         model = upcycle(model, moe, base_model=source)
         logger.info(

@@ -14,6 +14,7 @@ from transformers.models.t5.modeling_t5 import T5EncoderModel, T5ForConditionalG
 from .config import MixT5Config, MoEConfig
 from .modeling.modeling_mixt5 import MixT5EncoderModel, MixT5ForConditionalGeneration, MixT5PreTrainedModel
 from .modeling.router import init_router_weight_
+from .modeling.tying import has_separate_lm_head
 
 # Dense class -> MixT5 class (MT5's modules mirror T5's, parameter names included; flan-t5 is T5).
 SUPPORTED = {
@@ -108,13 +109,30 @@ def build_experts(dense_ff: nn.Module, moe: MoEConfig, generator: torch.Generato
 
 
 def mixt5_config_from_dense(
-    dense_config: Any, moe: MoEConfig, layer_indices: dict[str, list[int]], provenance: dict[str, Any]
+    dense_config: Any,
+    moe: MoEConfig,
+    layer_indices: dict[str, list[int]],
+    provenance: dict[str, Any],
+    *,
+    tie_word_embeddings: bool,
 ) -> MixT5Config:
-    """A `MixT5Config` carrying every field of a dense T5/MT5 config plus the MoE settings."""
+    """A `MixT5Config` carrying every field of a dense T5/MT5 config plus the MoE settings.
+
+    `tie_word_embeddings` says whether the dense weights' `lm_head` is `shared` (the dense config cannot: transformers
+    forces it to True); the decoder-output rescale is the dense model's own (MT5 never rescales).
+    """
     values = {k: v for k, v in dense_config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED}
-    if getattr(dense_config, "scale_decoder_outputs", None) is None:
-        values["scale_decoder_outputs"] = False  # MT5 never rescales the decoder output before `lm_head`
+    values["tie_word_embeddings"] = tie_word_embeddings
+    values["scale_decoder_outputs"] = bool(getattr(dense_config, "scale_decoder_outputs", False))
     return MixT5Config(moe=moe, moe_layer_indices=layer_indices, upcycled_from=provenance, **values)
+
+
+def _dense_ties_lm_head(model: PreTrainedModel) -> bool:
+    """Whether the dense model's output layer is its input embedding. An encoder has none: it follows the family
+    (T5Config's decoder-output rescale is on exactly for tied configs; MT5Config has none, and mt5 is untied)."""
+    if model.get_output_embeddings() is not None:
+        return not has_separate_lm_head(model)
+    return bool(getattr(model.config, "scale_decoder_outputs", False))
 
 
 def provenance_for(model: PreTrainedModel, moe: MoEConfig, base_model: str | None = None) -> dict[str, Any]:
@@ -156,7 +174,11 @@ def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base
         stacks["decoder"] = model.decoder
     layer_indices = moe.resolve_layers({name: len(stack.block) for name, stack in stacks.items()})
     config = mixt5_config_from_dense(
-        model.config, moe, {**{"encoder": [], "decoder": []}, **layer_indices}, provenance_for(model, moe, base_model)
+        model.config,
+        moe,
+        {**{"encoder": [], "decoder": []}, **layer_indices},
+        provenance_for(model, moe, base_model),
+        tie_word_embeddings=_dense_ties_lm_head(model),
     )
 
     with torch.device("meta"):
@@ -180,7 +202,7 @@ def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base
     if missing:
         raise RuntimeError(f"upcycle() has no weights for {missing[:5]} (dense model {type(model).__name__}).")
     moe_model.load_state_dict(state, assign=True, strict=True)
-    moe_model.tie_weights()
+    moe_model.tie_weights()  # embed_tokens (and a tied lm_head) become `shared` again; a separate lm_head stays
     if getattr(model, "generation_config", None) is not None:
         moe_model.generation_config = copy.deepcopy(model.generation_config)
     moe_model.train(model.training)

@@ -33,6 +33,7 @@ from ..losses import load_balancing_loss_func, router_z_loss_func
 from .experts import MixT5Experts, MixT5GatedExperts
 from .router import MixT5Router, RouterOutput, init_router_weight_
 from .sparse_ff import MixT5LayerSparseFF
+from .tying import missing_lm_head_error
 
 
 @dataclass
@@ -92,6 +93,28 @@ class MixT5PreTrainedModel(ExpertsImplementationMixin, T5PreTrainedModel):
     config: MixT5Config
     # `down_proj` is the experts' `wo`: kept in fp32 under fp16 like T5's `wo`
     _keep_in_fp32_modules: ClassVar[list[str]] = ["wo", "down_proj"]
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
+        """T5's ties, with `lm_head` tied to `shared` only when the config says so.
+
+        transformers drops every tie of a model whose config says `tie_word_embeddings=False`; in every T5 family the
+        encoder's and decoder's `embed_tokens` are `shared`, and only the output layer differs (see `tying`).
+        """
+        if all_submodels:  # calls this method on each PreTrainedModel inside, `self` included
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        mapping = dict(self._tied_weights_keys or {})
+        if not self.config.tie_word_embeddings:
+            mapping.pop("lm_head.weight", None)
+        return mapping
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`; a config that says untied with no `lm_head.weight` stored is an error."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if "lm_head.weight" in info["missing_keys"] and not model.config.tie_word_embeddings:
+            raise missing_lm_head_error(pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
