@@ -19,6 +19,7 @@ from transformers import Seq2SeqTrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .config import MoEConfig
+from .utils import check_output_path
 
 
 @dataclass
@@ -94,7 +95,9 @@ MoEArguments.__doc__ = "Every MoEConfig field as a flag (defaults: the study's 8
 def moe_config_from_arguments(moe_args: object, seed: int) -> MoEConfig:
     values = dataclasses.asdict(moe_args)
     moe_seed = values.pop("moe_seed")
-    return MoEConfig(**values, seed=seed if moe_seed is None else moe_seed)
+    config = MoEConfig(**values, seed=seed if moe_seed is None else moe_seed)
+    config.check_settings_used()
+    return config
 
 
 # The run folder's description of itself: which command made it, with every argument (read by `mixt5 report`).
@@ -203,6 +206,7 @@ class MixT5TrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("--output_dir (or --save_dir) is required.")
+        check_output_path(self.output_dir, "--output_dir", is_dir=True)
         # Checked before anything is loaded, with the flag and file named (transformers' own errors name neither).
         if self.deepspeed is not None:
             if importlib.util.find_spec("deepspeed") is None:

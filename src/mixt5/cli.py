@@ -12,11 +12,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
 from .config import MoEConfig
+from .utils import check_output_path
 
 logger = logging.getLogger("mixt5")
 
@@ -28,7 +29,9 @@ class UpcycleArguments:
     )
     output_dir: str = field(metadata={"help": "Where the MixT5 checkpoint (model, tokenizer, MoE settings) goes."})
     encoder_only: bool = field(default=False, metadata={"help": "Load and upcycle a T5EncoderModel."})
-    dtype: str = field(default="auto", metadata={"help": "Load dtype: auto (as saved), float32, bfloat16, float16."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Load dtype: auto (as saved), float32, bfloat16, float16."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -51,11 +54,12 @@ def _load_dense(name: str, encoder_only: bool, dtype: str) -> Any:
 
         torch.manual_seed(0)
         config = T5Config(**BUILTIN_MODELS[name])
-        return (T5EncoderModel if encoder_only else T5ForConditionalGeneration)(config)
-    from .modeling.tying import load_pretrained
+        model = (T5EncoderModel if encoder_only else T5ForConditionalGeneration)(config)
+        return model if dtype == "auto" else model.to(getattr(torch, dtype))
+    from .loading import from_pretrained
 
     auto_class = AutoModelForTextEncoding if encoder_only else AutoModelForSeq2SeqLM
-    return load_pretrained(auto_class, name, dtype=dtype)
+    return from_pretrained(auto_class, name, dtype=dtype)
 
 
 def run_upcycle(argv: Sequence[str]) -> int:
@@ -126,19 +130,30 @@ class PredictArguments:
     model_name_or_path: str = field(metadata={"help": "Fine-tuned checkpoint (dense or MixT5)."})
     question: str | None = field(default=None, metadata={"help": "One question (with --context)."})
     context: str | None = field(default=None, metadata={"help": "The paragraph that holds the answer."})
-    input_file: str | None = field(default=None, metadata={"help": "JSON Lines of {id, question, context}."})
+    input_file: str | None = field(
+        default=None, metadata={"help": "JSON Lines (.jsonl or .jsonl.gz) of {id, question, context}."}
+    )
     output_file: str | None = field(default=None, metadata={"help": "JSON Lines of {id, answer[, routing]}."})
     show_routing: bool = field(default=False, metadata={"help": "Also show the experts each token went to."})
     batch_size: int = field(default=16, metadata={"help": "Questions per generate() call."})
-    prompt_format: str = field(default="t5", metadata={"help": "t5 or seed, as in training."})
+    prompt_format: Literal["t5", "seed"] = field(default="t5", metadata={"help": "t5 or seed, as in training."})
     max_sequence_length: int = field(default=512, metadata={"help": "Input tokens kept."})
     generation_max_length: int = field(default=30, metadata={"help": "Max answer tokens."})
     generation_num_beams: int = field(default=1, metadata={"help": "Beams (1: greedy)."})
 
+    def __post_init__(self) -> None:
+        if self.output_file is not None:
+            check_output_path(self.output_file, "--output_file", is_dir=False)
+        for name in ("batch_size", "max_sequence_length", "generation_max_length", "generation_num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
 
 def _read_questions(path: str) -> list[dict]:
+    from .utils import data_file_errors, open_text
+
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with data_file_errors(path), open_text(path) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -146,6 +161,8 @@ def _read_questions(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             missing = [key for key in ("question", "context") if not isinstance(row.get(key), str)]
             if missing:
                 raise ValueError(f"{path}:{number}: missing or non-string {', '.join(missing)}")
@@ -239,6 +256,12 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
+# What bad input raises: the library names the flag or file in the message, and `main` prints it as one line and
+# exits 2 (argparse's code for a bad flag). OSError covers missing, unreadable and unwritable paths (the message
+# names the path); MemoryError an upcycle too large for the memory available. Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -253,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, _ = COMMANDS[argv[0]]
     try:
         return command(argv[1:])
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        print(f"mixt5 {argv[0]}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"mixt5 {argv[0]}: error: {message}", file=sys.stderr)
         return 2
 
 

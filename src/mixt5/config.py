@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 from transformers import T5Config
 
@@ -23,6 +25,13 @@ RouterInit = Literal["linear_default", "normal", "zeros"]
 STACKS = ("encoder", "decoder")
 
 _MOE_CACHE = "_moe_config_cache"  # MixT5Config's cached `MoEConfig`, kept out of config.json
+# Settings that only one value of another field reads: field -> (that field, the value that reads it).
+_USED_ONLY_WITH = {
+    "noise_lambda": ("expert_init", "noisytune"),
+    "drop_ratio": ("expert_init", "drop_upcycling"),
+    "noise_std": ("expert_init", "gaussian"),
+    "router_init_std": ("router_init", "normal"),
+}
 _LAYER_SPEC = re.compile(r"^(all|none|(first|last|every):(\d+))$")
 
 
@@ -52,6 +61,11 @@ def _check_layer_spec(spec: Any, where: str) -> None:
     raise TypeError(
         f"MoEConfig.moe_layers{where} must be a string or a list of block indices, got {type(spec).__name__}."
     )
+
+
+def non_default_fields(instance: Any) -> list[str]:
+    """The fields of a dataclass instance whose value differs from the field's default: those a user set."""
+    return [f.name for f in dataclasses.fields(instance) if getattr(instance, f.name) != f.default]
 
 
 def resolve_layer_spec(spec: str | list[int], num_blocks: int, stack: str) -> list[int]:
@@ -150,6 +164,14 @@ class MoEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"MoEConfig.{name} must be an int, got {value!r}.")
+        for name in _float_fields():  # NaN passes every range check below, and makes all-NaN experts
+            value = getattr(self, name)
+            if value is None and name == "capacity_factor":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"MoEConfig.{name} must be a number, got {value!r}.")
+            if not math.isfinite(value):
+                raise ValueError(f"MoEConfig.{name}={value} is not a finite number.")
         if self.num_experts < 1:
             raise ValueError(f"MoEConfig.num_experts={self.num_experts}: need at least 1 expert.")
         if not 1 <= self.top_k <= self.num_experts:
@@ -180,6 +202,22 @@ class MoEConfig:
                 _check_layer_spec(spec, f"[{stack!r}]")
         else:
             _check_layer_spec(self.moe_layers, "")
+
+    def check_settings_used(self) -> None:
+        """Refuse a setting changed from its default that this configuration would ignore, saying what to do.
+
+        Not part of `__post_init__`: a saved `moe` block lists every field, and must load whatever it holds. Called
+        where a new upcycle is configured (`upcycle()`, the CLI), where a changed value is one the user chose.
+        """
+        for name in non_default_fields(self):
+            if name in _USED_ONLY_WITH:
+                selector, value = _USED_ONLY_WITH[name]
+                if getattr(self, selector) != value:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} has no effect with {selector}={getattr(self, selector)!r} "
+                        f"(only {selector}={value!r} uses it): set --{selector} {value}, or leave {name} at its "
+                        "default."
+                    )
 
     def router_type_for(self, stack: str) -> str:
         """The router type of the MoE layers of `stack` ("encoder" or "decoder")."""
@@ -221,6 +259,13 @@ class MoEConfig:
         if "moe" not in data:
             raise ValueError(f"{config_file} has no 'moe' block: it is not a MixT5 checkpoint.")
         return cls.from_dict(data["moe"])
+
+
+@functools.cache
+def _float_fields() -> tuple[str, ...]:
+    """`MoEConfig`'s float (and optional float) fields, from its type hints."""
+    hints = get_type_hints(MoEConfig)
+    return tuple(name for name, hint in hints.items() if float in (hint, *get_args(hint)))
 
 
 class MixT5Config(T5Config):
@@ -265,6 +310,12 @@ class MixT5Config(T5Config):
                 {"encoder": self.num_layers, "decoder": self.num_decoder_layers}
             )
         self.moe_layer_indices = {stack: list(moe_layer_indices.get(stack, [])) for stack in STACKS}
+        for stack, num_blocks in (("encoder", self.num_layers), ("decoder", self.num_decoder_layers)):
+            bad = [i for i in self.moe_layer_indices[stack] if isinstance(i, bool) or not 0 <= i < num_blocks]
+            if bad:
+                raise ValueError(
+                    f"moe_layer_indices names {stack} block(s) {bad}, but the {stack} has blocks 0..{num_blocks - 1}."
+                )
         self.upcycled_from = upcycled_from or {}
 
     @property

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.squad import PromptFormat, format_prompt
+from .loading import from_pretrained, load_tokenizer
 from .modeling import MixT5PreTrainedModel
 from .modeling.router import RouterOutput
-from .modeling.tying import load_pretrained
 
 
 @dataclass
@@ -43,8 +43,13 @@ class QAPredictor:
         model: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = model or load_pretrained(AutoModelForSeq2SeqLM, model_name_or_path)
+        if num_beams < 1 or max_length < 1 or max_source_length < 1:
+            raise ValueError(
+                f"num_beams={num_beams}, max_length={max_length}, max_source_length={max_source_length}: "
+                "each must be >= 1."
+            )
+        self.tokenizer = tokenizer or load_tokenizer(model_name_or_path)
+        self.model = model or from_pretrained(AutoModelForSeq2SeqLM, model_name_or_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.model_name = model_name_or_path

@@ -20,7 +20,6 @@ from typing import Any
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
     PreTrainedModel,
@@ -40,13 +39,14 @@ from .arguments import (
     moe_config_from_arguments,
     run_description,
 )
-from .config import MixT5Config, MoEConfig
+from .config import MixT5Config, MoEConfig, non_default_fields
 from .data.sources import load_split
 from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
 from .diagnostics import RoutingDiagnosticsCallback
+from .loading import from_pretrained, load_config
+from .loading import load_tokenizer as load_pretrained_tokenizer
 from .metrics import QUESTION_SCORES_FILE, write_question_scores
 from .modeling import MixT5PreTrainedModel
-from .modeling.tying import load_pretrained
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
 from .utils import write_json_atomic
@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     name = model_args.tokenizer_name or model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    tokenizer = load_pretrained_tokenizer(name, flag=flag, alternative="pass --tokenizer_name NAME")
     if not tokenizer.is_fast:
         raise ValueError(f"the tokenizer of {name} is not a fast (tokenizers-backed) one; MixT5 needs offsets.")
     return tokenizer
@@ -75,7 +76,8 @@ def build_model(model_args: ModelArguments, moe: MoEConfig | None) -> PreTrained
             f"--enable_moe upcycles {source} in every process, but DeepSpeed ZeRO-3 loads it partitioned. Upcycle "
             f"it once first (mixt5 upcycle --model_name_or_path {source} --output_dir DIR [MoE flags]), then train DIR."
         )
-    model = load_pretrained(AutoModelForSeq2SeqLM, source)
+    flag = "--reference_model_name_or_path" if model_args.reference_model_name_or_path else "--model_name_or_path"
+    model = from_pretrained(AutoModelForSeq2SeqLM, source, flag=flag)
     if moe is not None and not isinstance(model, MixT5PreTrainedModel):
         model = upcycle(model, moe, base_model=source)
         logger.info(
@@ -143,6 +145,22 @@ def _write_results(
     write_json_atomic(Path(output_dir) / "metrics.json", metrics)
 
 
+def _check_moe_flags(model_args: ModelArguments, moe_args: Any) -> None:
+    """MoE flags act only when `--enable_moe` upcycles a dense checkpoint: refuse them where they would be ignored."""
+    given = [f"--{name}" for name in non_default_fields(moe_args)]
+    if not given:
+        return
+    if not model_args.enable_moe:
+        raise ValueError(f"{' '.join(given)}: MoE flags act only with --enable_moe; add --enable_moe, or drop them.")
+    source = model_args.reference_model_name_or_path or model_args.model_name_or_path
+    flag = "--reference_model_name_or_path" if model_args.reference_model_name_or_path else "--model_name_or_path"
+    if load_config(source, flag=flag).model_type == MixT5Config.model_type:
+        raise ValueError(
+            f"{flag} {source} is already a MixT5 model and keeps its own MoE settings (the 'moe' block of its "
+            f"config.json), so {' '.join(given)} would be ignored: drop them, or train its dense source with them."
+        )
+
+
 def _resolve_resume(training_args: MixT5TrainingArguments) -> str | bool | None:
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "latest", "True", "true"):
@@ -167,6 +185,7 @@ def run_training(
     """Fine-tune and evaluate; returns `{"train": ..., "eval": ...}` metrics (also written to metrics.json)."""
     if not (data_args.train_file or data_args.dataset_name):
         raise ValueError("mixt5 train needs --train_file or --dataset_name.")
+    _check_moe_flags(model_args, moe_args)
     set_seed(training_args.seed)
     train_examples = load_split(data_args, "train")
     eval_examples = load_split(data_args, "validation")

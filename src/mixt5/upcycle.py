@@ -108,6 +108,46 @@ def build_experts(dense_ff: nn.Module, moe: MoEConfig, generator: torch.Generato
     }
 
 
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes that can still be allocated on `device`, and where the figure comes from."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"torch.cuda.mem_get_info({device})"
+    import psutil  # a dependency of accelerate; on Linux this is /proc/meminfo's MemAvailable
+
+    return psutil.virtual_memory().available, "psutil.virtual_memory().available"
+
+
+def check_memory(stacks: dict[str, nn.Module], layer_indices: dict[str, list[int]], moe: MoEConfig) -> None:
+    """Refuse an upcycle whose new tensors would not fit in memory, before allocating any of them.
+
+    Counted per device: `num_experts` copies of each MoE layer's feed-forward weights plus its router, and for the
+    diversifying inits the fp32 working copies of the largest layer (built on the CPU, stacked, then cast).
+    """
+    need: dict[torch.device, int] = {}
+    layers, per_expert_max, fp32_work = 0, 0, 0
+    for stack_name, indices in layer_indices.items():
+        for block in indices:
+            ff = stacks[stack_name].block[block].layer[-1].DenseReluDense
+            weights = [getattr(ff, name).weight for name in ("wi_0", "wi_1", "wi", "wo") if hasattr(ff, name)]
+            per_expert = sum(w.numel() * w.element_size() for w in weights) + ff.wo.weight.shape[0] * 4  # + router row
+            device = ff.wo.weight.device
+            need[device] = need.get(device, 0) + moe.num_experts * per_expert
+            if moe.expert_init != "copy":
+                fp32_work = max(fp32_work, 2 * moe.num_experts * sum(w.numel() for w in weights) * 4)
+            layers, per_expert_max = layers + 1, max(per_expert_max, per_expert)
+    cpu = torch.device("cpu")
+    need[cpu] = need.get(cpu, 0) + fp32_work
+    for device, needed in need.items():
+        available, source = available_memory(device)
+        if needed > available:
+            work = f", plus {fp32_work / 2**30:.1f} GiB of fp32 working copies" if fp32_work and device == cpu else ""
+            raise MemoryError(
+                f"num_experts={moe.num_experts}: upcycling needs about {needed / 2**30:.1f} GiB on {device} "
+                f"({moe.num_experts} experts x {layers} MoE layers x up to {per_expert_max / 2**20:.2f} MiB each{work})"
+                f" but {available / 2**30:.1f} GiB is available ({source}); use fewer experts or MoE layers."
+            )
+
+
 def mixt5_config_from_dense(
     dense_config: Any,
     moe: MoEConfig,
@@ -163,16 +203,19 @@ def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base
     Raises:
         TypeError: `model` is not a T5-family model.
         ValueError: `moe_config` names blocks the model does not have, or expert-choice routing in a decoder.
+        MemoryError: the experts would not fit in the memory available (see `check_memory`).
     Bad input raises before anything is changed.
     """
     moe = moe_config if moe_config is not None else MoEConfig()
     if not isinstance(moe, MoEConfig):
         raise TypeError(f"moe_config must be a MoEConfig, got {type(moe).__name__}.")
+    moe.check_settings_used()
     target_class = _target_class(model)
     stacks = {"encoder": model.encoder}
     if getattr(model, "decoder", None) is not None:
         stacks["decoder"] = model.decoder
     layer_indices = moe.resolve_layers({name: len(stack.block) for name, stack in stacks.items()})
+    check_memory(stacks, layer_indices, moe)
     config = mixt5_config_from_dense(
         model.config,
         moe,

@@ -8,28 +8,47 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 
 def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a UTF-8 text file for reading, decompressing it on the fly when its name ends in `.gz`."""
+    """Open a UTF-8 text file for reading, decompressing it on the fly when its name ends in `.gz`.
+
+    Read it inside `data_file_errors(path)` so that a directory, a broken gzip stream or non-UTF-8 bytes become one
+    `ValueError` naming the file.
+    """
     if os.fspath(path).endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def data_file_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn what reading a bad data file raises (gzip, zlib, OS and codec errors) into a `ValueError` naming it."""
+    name = os.fspath(path)
+    try:
+        yield
+    except IsADirectoryError as err:
+        raise ValueError(f"{name}: is a directory; give a data file.") from err
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{name}: not a valid gzip file ({err}).") from err
+    except EOFError as err:
+        raise ValueError(f"{name}: truncated gzip file ({err}).") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start}).") from err
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON (or `.json.gz`) file. Invalid content raises `ValueError` naming the file, line and column."""
     try:
-        with open_text(path) as f:
+        with data_file_errors(path), open_text(path) as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno}, column {err.colno}"
         raise ValueError(f"{os.fspath(path)}: invalid JSON at {where}: {err.msg}") from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 @contextlib.contextmanager
@@ -68,6 +87,25 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[Any]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def check_output_path(path: str | os.PathLike, flag: str, *, is_dir: bool) -> None:
+    """Refuse an output folder (`is_dir`) or file that cannot be written, before any work is done.
+
+    Raises `ValueError` naming `flag` when `path` is a file where a folder is wanted (or the reverse), lies under a
+    file, or its nearest existing folder is not writable (`os.access`; it also sees read-only file systems as root).
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_dir:
+        wanted = "a folder" if is_dir else "a file"
+        raise ValueError(f"{flag} {path}: exists and is not {wanted}.")
+    parent = path if path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: cannot be created, {parent} is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable.")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename.
@@ -76,6 +114,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     any work starts.
     """
     path = Path(path)
+    check_output_path(path, "--output_dir", is_dir=True)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {path} is not empty; pass --overwrite_output_dir to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import datasets
 
-from mixt5.utils import open_text, read_json
+from mixt5.utils import data_file_errors, open_text, read_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -227,7 +227,7 @@ def load_jsonl(
     source = os.fspath(path)
 
     def records() -> Iterator[tuple[str, Any]]:
-        with open_text(path) as f:
+        with data_file_errors(path), open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

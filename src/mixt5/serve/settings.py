@@ -67,6 +67,8 @@ class ServeArguments:
         for name in ("generation_max_length", "generation_num_beams", "torch_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.port > 65535:
+            raise ValueError(f"--port must be a TCP port (1..65535), got {self.port}.")
         if self.max_wait_ms < 0:
             raise ValueError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}.")
         if self.max_queue_size < self.max_batch_requests:
