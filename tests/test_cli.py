@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ def test_upcycle_cli_writes_model_and_provenance(tmp_path, capsys):
         "method": "drop_upcycling",
         "drop_ratio": 0.25,
         "seed": 3,
+        "command": shlex.join(["mixt5", *argv]),
     }
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "moe")
     with torch.no_grad():

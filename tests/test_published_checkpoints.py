@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding
+from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding, GenerationConfig
 
 from mixt5 import MixT5EncoderModel, MixT5ForConditionalGeneration, MoEConfig, upcycle
 from mixt5.cli import main
@@ -254,6 +254,10 @@ def test_training_step_trains_a_separate_lm_head(tmp_path, name, enable_moe):
     assert not torch.equal(after["shared.weight"][:vocab], before["shared.weight"])
     config = json.loads((out / "config.json").read_text())
     model = load_pretrained(AutoModelForSeq2SeqLM, out)
+    if enable_moe:  # the card: how the model was made, then what training measured
+        card = (out / "README.md").read_text()
+        assert card.count(f"mixt5 train --model_name_or_path {tmp_path / 'dense'}") == 2
+        assert "## Training results" in card and "| train | `train_loss` |" in card
     if fam.tied:
         assert "lm_head.weight" not in after and model.lm_head.weight is model.shared.weight
         return
@@ -265,3 +269,97 @@ def test_training_step_trains_a_separate_lm_head(tmp_path, name, enable_moe):
     assert not torch.allclose(head_step, shared_step)  # two parameters, two updates
     assert model.lm_head.weight is not model.shared.weight
     assert torch.equal(model.lm_head.weight, after["lm_head.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What else a published checkpoint carries goes through `mixt5 upcycle` untouched; the model card
+
+
+@pytest.fixture(params=["word-level", "t5-sentencepiece"])
+def tokenizer_files(request, tmp_path):
+    """Tokenizer files as a checkpoint holds them: T5's own (spiece.model + tokenizer.json, from ../shared) or a
+    tokenizers-only word-level one (offline, always there)."""
+    folder = tmp_path / "tokenizer"
+    if request.param == "t5-sentencepiece":
+        shared = request.getfixturevalue("shared_dir") / "data" / "t5-tokenizer"
+        folder.mkdir()
+        for file in shared.iterdir():
+            (folder / file.name).write_bytes(file.read_bytes())
+    else:
+        from tiny import word_tokenizer
+
+        word_tokenizer(["a b c d"]).save_pretrained(folder)
+    return folder
+
+
+def test_generation_config_tokenizer_and_task_params_go_through(tmp_path, tokenizer_files):
+    src, out = tmp_path / "flan", tmp_path / "moe"
+    write_published_checkpoint(src, "flan-t5-base", "sharded")
+    generation = json.loads((src / "generation_config.json").read_text())
+    generation.update(num_beams=4, max_length=20, no_repeat_ngram_size=3)  # a user's own defaults
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    for file in tokenizer_files.iterdir():
+        (src / file.name).write_bytes(file.read_bytes())
+    assert main(["upcycle", "--model_name_or_path", str(src), "--output_dir", str(out), *MOE_FLAGS]) == 0
+
+    def _generation(folder):
+        values = GenerationConfig.from_pretrained(folder).to_diff_dict()
+        values.pop("transformers_version", None)
+        return values
+
+    assert _generation(out) == _generation(src) and _generation(out)["num_beams"] == 4
+    assert AutoModelForSeq2SeqLM.from_pretrained(out).generation_config.no_repeat_ngram_size == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["task_specific_params"] == json.loads((src / "config.json").read_text())["task_specific_params"]
+    for file in tokenizer_files.iterdir():
+        assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_stored_dtype_loads_as_asked_and_the_router_routes_in_fp32(tmp_path, stored):
+    src, out = tmp_path / "dense", tmp_path / "moe"
+    write_published_checkpoint(src, "t5-v1_1-base", "safetensors", dtype=stored)
+    assert main(["upcycle", "--model_name_or_path", str(src), "--output_dir", str(out), *MOE_FLAGS]) == 0
+    weights = load_file(out / "model.safetensors")
+    assert weights["lm_head.weight"].dtype == weights["encoder.block.0.layer.1.experts.gate_up_proj"].dtype == stored
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(stored).removeprefix("torch.")
+
+    as_stored = AutoModelForSeq2SeqLM.from_pretrained(out, dtype="auto")
+    assert as_stored.lm_head.weight.dtype == as_stored.shared.weight.dtype == stored
+    layer = as_stored.encoder.block[0].layer[-1]
+    assert layer.router.weight.dtype == (torch.float32 if stored == torch.float16 else stored)  # as T5's `wo`
+    with torch.no_grad():
+        routed = as_stored(**_inputs(), output_router_logits=True)
+    assert all(logits.dtype == torch.float32 for logits in routed.encoder_router_logits + routed.decoder_router_logits)
+
+    # asked for fp32: every weight upcast exactly, and the dense function of the stored weights
+    dense, expected = _expected(src, "t5-v1_1-base", load_file(src / "model.safetensors"))
+    model = AutoModelForSeq2SeqLM.from_pretrained(out, dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    _check_moe(model, dense, expected, "t5-v1_1-base")
+
+
+def test_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    src = tmp_path / "dense"
+    write_published_checkpoint(src, "flan-t5-base", "safetensors")
+    dense = AutoModelForSeq2SeqLM.from_pretrained(src)
+    moe = MoEConfig(num_experts=4, top_k=1, moe_layers="last:2", expert_init="noisytune", noise_lambda=0.2, seed=3)
+    upcycle(dense, moe, base_model="google/flan-t5-base").save_pretrained(tmp_path / "moe")
+    card = ModelCard.load(tmp_path / "moe" / "README.md")
+    assert card.data.base_model == "google/flan-t5-base" and card.data.library_name == "transformers"
+    assert card.data.tags[0] == "moe" and card.data.pipeline_tag == "text2text-generation"
+    for text in ("encoder blocks: 1, 2 (of 3)", "decoder blocks: 0, 1 (of 2)", "`noisytune` (noise_lambda=0.2)",
+                 "seed: `3`", "top-1 of 4", "a separate `lm_head`", "| `router_aux_loss_coef` | `0.01` |"):  # fmt: skip
+        assert text in card.text, text
+
+    # `mixt5 upcycle` records its command; a local base model is no Hub id, so it stays out of the metadata
+    argv = ["upcycle", "--model_name_or_path", str(src), "--output_dir", str(tmp_path / "cli"), *MOE_FLAGS]
+    assert main(argv) == 0
+    card = ModelCard.load(tmp_path / "cli" / "README.md")
+    assert card.data.base_model is None and f"mixt5 upcycle --model_name_or_path {src}" in card.text
+    encoder_argv = [*argv[:4], str(tmp_path / "enc"), "--encoder_only", *MOE_FLAGS]
+    assert main(encoder_argv) == 0
+    card = ModelCard.load(tmp_path / "enc" / "README.md")
+    assert card.data.pipeline_tag == "feature-extraction" and "decoder blocks" not in card.text

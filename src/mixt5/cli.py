@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ def run_upcycle(argv: Sequence[str]) -> int:
         dense = _load_dense(args.model_name_or_path, args.encoder_only, args.dtype)
         dense_params = sum(p.numel() for p in dense.parameters())
         model = upcycle(dense, moe, base_model=args.model_name_or_path)
+        model.config.upcycled_from["command"] = shlex.join(["mixt5", "upcycle", *argv])  # for the model card
         del dense
         model.save_pretrained(staging)
         has_tokenizer = copy_tokenizer(args.model_name_or_path, staging)
@@ -113,7 +115,7 @@ def run_convert_seed(argv: Sequence[str]) -> int:
 def run_train(argv: Sequence[str]) -> int:
     from .train import parse_train_args, run_training
 
-    metrics = run_training(*parse_train_args(argv))
+    metrics = run_training(*parse_train_args(argv), command=shlex.join(["mixt5", "train", *argv]))
     print(json.dumps(metrics.get("eval", metrics["train"]), indent=2))
     return 0
 

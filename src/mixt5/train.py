@@ -46,6 +46,7 @@ from .diagnostics import RoutingDiagnosticsCallback
 from .loading import from_pretrained, load_config
 from .loading import load_tokenizer as load_pretrained_tokenizer
 from .metrics import QUESTION_SCORES_FILE, write_question_scores
+from .model_card import add_training_results
 from .modeling import MixT5PreTrainedModel
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
@@ -63,7 +64,7 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(model_args: ModelArguments, moe: MoEConfig | None) -> PreTrainedModel:
+def build_model(model_args: ModelArguments, moe: MoEConfig | None, command: str | None = None) -> PreTrainedModel:
     """Load the checkpoint; with `moe` (i.e. `--enable_moe`), upcycle it unless it already is a MixT5 model."""
     source = model_args.reference_model_name_or_path or model_args.model_name_or_path
     if (
@@ -80,6 +81,8 @@ def build_model(model_args: ModelArguments, moe: MoEConfig | None) -> PreTrained
     model = from_pretrained(AutoModelForSeq2SeqLM, source, flag=flag)
     if moe is not None and not isinstance(model, MixT5PreTrainedModel):
         model = upcycle(model, moe, base_model=source)
+        if command:
+            model.config.upcycled_from["command"] = command  # the model card's "How it was made"
         logger.info(
             "Upcycled %s: MoE blocks %s, %d experts, top-%d",
             source,
@@ -181,8 +184,12 @@ def run_training(
     moe_args: Any,
     training_args: MixT5TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and evaluate; returns `{"train": ..., "eval": ...}` metrics (also written to metrics.json)."""
+    """Fine-tune and evaluate; returns `{"train": ..., "eval": ...}` metrics (also written to metrics.json).
+
+    `command` (the command line, when known) goes into a MixT5 model's card with the metrics.
+    """
     if not (data_args.train_file or data_args.dataset_name):
         raise ValueError("mixt5 train needs --train_file or --dataset_name.")
     _check_moe_flags(model_args, moe_args)
@@ -197,7 +204,7 @@ def run_training(
 
     tokenizer = load_tokenizer(model_args)
     moe = moe_config_from_arguments(moe_args, training_args.seed) if model_args.enable_moe else None
-    model = build_model(model_args, moe)
+    model = build_model(model_args, moe, command)
     add_prompt_special_tokens(tokenizer, model, data_args.prompt_format)
 
     with training_args.main_process_first(desc="tokenising"):
@@ -236,6 +243,8 @@ def run_training(
         trainer.log_metrics("eval", metrics["eval"])
     arguments = (model_args, data_args, *((moe_args,) if model_args.enable_moe else ()), training_args)
     _write_results(trainer, training_args.output_dir, metrics, evaluator, run_description("train", *arguments))
+    if trainer.is_world_process_zero() and isinstance(trainer.model, MixT5PreTrainedModel):
+        add_training_results(training_args.output_dir, metrics, command)  # to the card save_pretrained wrote
     trainer.save_state()
     return metrics
 

@@ -133,21 +133,49 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         raise
 
 
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.json", "sentencepiece.bpe.model")
+# The tokenizer files a T5-family checkpoint may hold (sentencepiece, tokenizers, their configs, added tokens).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "spiece.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+)
 
 
 def copy_tokenizer(source: str, destination: str | os.PathLike) -> bool:
-    """Save the tokenizer of `source` (a local folder or a hub id) into `destination`; False when it has none.
+    """Copy the tokenizer files of `source` (a local folder or a hub id) into `destination`; False when it has none.
 
-    A local folder counts as having one only if it holds tokenizer files: transformers would otherwise build an
-    empty tokenizer from the model config alone.
+    The files are copied byte for byte, not re-saved: `save_pretrained` of a loaded T5 tokenizer rewrites
+    `tokenizer_config.json` and drops `spiece.model` and `special_tokens_map.json`. `source` must hold at least
+    one of them and load with `AutoTokenizer` (transformers would otherwise build an empty tokenizer from the
+    model config alone).
     """
     from transformers import AutoTokenizer
+    from transformers.utils import cached_file
 
-    if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+    found = {}
+    for name in TOKENIZER_FILES:
+        try:
+            path = cached_file(
+                source,
+                name,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except (OSError, ValueError):  # not a folder nor a valid hub id (e.g. builtin:...)
+            return False
+        if path is not None:
+            found[name] = path
+    if not found:
         return False
     try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+        AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
         return False
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    for name, path in found.items():
+        shutil.copyfile(path, Path(destination) / name)
     return True

@@ -30,6 +30,7 @@ from transformers.utils.generic import can_return_tuple
 from .._compat import ExpertsImplementationMixin, init_submodel_with
 from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
+from ..model_card import write_model_card
 from .experts import MixT5Experts, MixT5GatedExperts
 from .router import MixT5Router, RouterOutput, init_router_weight_
 from .sparse_ff import MixT5LayerSparseFF
@@ -91,8 +92,8 @@ def _stack_token_mask_hook(stack: T5Stack, args: tuple, kwargs: dict[str, Any]) 
 class MixT5PreTrainedModel(ExpertsImplementationMixin, T5PreTrainedModel):
     config_class = MixT5Config
     config: MixT5Config
-    # `down_proj` is the experts' `wo`: kept in fp32 under fp16 like T5's `wo`
-    _keep_in_fp32_modules: ClassVar[list[str]] = ["wo", "down_proj"]
+    # `down_proj` is the experts' `wo`: kept in fp32 under fp16 like T5's `wo`, and so is the router
+    _keep_in_fp32_modules: ClassVar[list[str]] = ["wo", "down_proj", "router"]
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
         """T5's ties, with `lm_head` tied to `shared` only when the config says so.
@@ -106,6 +107,13 @@ class MixT5PreTrainedModel(ExpertsImplementationMixin, T5PreTrainedModel):
         if not self.config.tie_word_embeddings:
             mapping.pop("lm_head.weight", None)
         return mapping
+
+    def save_pretrained(self, save_directory: Any, is_main_process: bool = True, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `save_pretrained`, plus the model card (`README.md`, see `mixt5.model_card`)."""
+        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process:
+            write_model_card(self, save_directory)
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
