@@ -160,7 +160,10 @@ def test_moe_checkpoint_naming_blocks_past_the_stack(model_dir, tmp_path, capfd)
     _fails(argv, capfd, "moe_layer_indices", "[7]", "0..1", root=tmp_path)
 
 
-def test_folder_without_tokenizer(tmp_path, capfd):
+def test_folder_without_tokenizer(tmp_path, capfd, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("serve started without a tokenizer"))
     argv = ["upcycle", "--model_name_or_path", "builtin:t5-v1_1-tiny", "--output_dir", str(tmp_path / "moe")]
     assert main([*argv, "--num_experts", "2", "--moe_layers", "last:1"]) == 0
     capfd.readouterr()

@@ -11,15 +11,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .utils import TOKENIZER_FILES
 
-# What the hub accepts as a repo id: `name` or `namespace/name` (huggingface_hub's validate_repo_id).
-_HUB_ID = re.compile(r"^[\w.-]{1,96}(/[\w.-]{1,96})?$")
 _TOKENIZER_EXAMPLE = "google/t5-v1_1-base"
 
 
@@ -28,15 +25,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def check_model_path(name: str, flag: str = "--model_name_or_path") -> None:
-    """Refuse a `name` that is neither an existing local path nor shaped like a hub id, before transformers
+    """Refuse a `name` that is neither an existing local folder nor shaped like a hub id, before transformers
     reports it as a malformed repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise ValueError(f"{flag} {name}: is a file; give the checkpoint's folder (with config.json).")
         return
-    local = name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
-    if local or not _HUB_ID.match(name) or ".." in name:
-        raise FileNotFoundError(f"{flag} {name}: no such folder (and not a hub id like `org/name`).")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{flag} {name}: no such folder (and not a hub id like `org/name`).") from err
 
 
 @contextlib.contextmanager
