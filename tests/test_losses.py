@@ -113,3 +113,24 @@ def test_aux_loss_trains_the_router():
     out.loss.backward()
     router = model.encoder.block[3].layer[-1].router
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_model_loss_over_an_optimizer_step_of_several_batches():
+    """With `num_items_in_batch` (the step's label tokens) the LM loss is this batch's token sum over it; with
+    `num_batches_in_step` the router losses (per-batch means) are divided by the step's number of batches."""
+    moe = MoEConfig(num_experts=4, top_k=2, moe_layers="last:2", router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    model = upcycle(tiny_dense(), moe).eval()
+    inputs = batch()
+    with torch.no_grad():
+        out = model(**inputs, num_items_in_batch=torch.tensor(40), num_batches_in_step=3)
+    log_probs = out.logits.double().log_softmax(-1)
+    labels = inputs["labels"]
+    token_sum = -sum(
+        log_probs[b, t, labels[b, t]].item()
+        for b in range(labels.shape[0])
+        for t in range(labels.shape[1])
+        if labels[b, t] != -100
+    )
+    router = 0.5 * out.aux_loss.item() + 0.25 * out.router_z_loss.item()
+    assert out.lm_loss.item() == pytest.approx(token_sum / 40, rel=1e-5)
+    assert out.loss.item() == pytest.approx(token_sum / 40 + router / 3, rel=1e-5)

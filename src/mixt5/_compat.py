@@ -104,6 +104,20 @@ def token_cross_entropy(
 # --- Trainer hooks ---------------------------------------------------------------------------------------------------
 
 
+def batches_per_item_count(trainer: Any) -> int:
+    """How many batches the Trainer's `num_items_in_batch` spans in the current optimizer step.
+
+    For a model with `accepts_loss_kwargs = True`, Trainer counts the label tokens over the step's accumulation
+    steps (`current_gradient_accumulation_steps`) and, with `average_tokens_across_devices`, over all processes;
+    it passes that count to the forward, does not divide the returned loss by the accumulation steps, and then
+    multiplies it by the number of processes (which DDP's gradient average undoes).
+    """
+    batches = trainer.current_gradient_accumulation_steps
+    if trainer.args.average_tokens_across_devices:
+        batches *= trainer.accelerator.num_processes
+    return batches
+
+
 class TrainerHooksMixin:
     """Put before `Trainer` in the bases; implement the public-named methods it calls.
 

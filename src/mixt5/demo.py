@@ -75,11 +75,12 @@ def _train(name: str, data: tuple[Path, Path], output_dir: Path, seed: int, extr
 
 @torch.no_grad()
 def routing_load(run_dir: Path, validation_file: Path, max_questions: int = 64) -> dict[str, list[float]]:
-    """Per MoE layer, the fraction of top-k assignments each expert got on held-out questions (teacher-forced)."""
+    """Per MoE layer, the fraction of the token-expert assignments each expert ran on held-out questions
+    (teacher-forced)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from .data.squad import format_prompt, load_squad_json
-    from .modeling import router_logits_to_expert_load
+    from .modeling import expert_counts_by_layer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(run_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
@@ -90,16 +91,10 @@ def routing_load(run_dir: Path, validation_file: Path, max_questions: int = 64) 
     )  # fmt: skip
     labels = tokenizer(text_target=[e.answers[0] for e in examples], padding=True, return_tensors="pt").input_ids
     labels[labels == tokenizer.pad_token_id] = -100
-    out = model(**inputs, labels=labels, output_router_logits=True)
-    top_k = model.config.moe["top_k"]
-    names = [f"{stack}.{block}" for stack, block, _ in model.sparse_layers()]
-    loads = torch.cat(
-        [
-            router_logits_to_expert_load(out.encoder_router_logits, top_k, inputs.attention_mask),
-            router_logits_to_expert_load(out.decoder_router_logits, top_k, labels.ne(-100)),
-        ]
-    )
-    return {name: [round(x, 4) for x in load] for name, load in zip(names, loads.tolist(), strict=True)}
+    with model.collect_routing() as records:
+        model(**inputs, labels=labels)
+    counts = expert_counts_by_layer(model, records)
+    return {name: [round(x, 4) for x in (c / c.sum()).tolist()] for name, c in counts.items()}
 
 
 def plot_routing_load(loads: dict[str, list[float]], path: Path) -> None:
@@ -117,7 +112,7 @@ def plot_routing_load(loads: dict[str, list[float]], path: Path) -> None:
     for row, values in enumerate(matrix):
         for col, value in enumerate(values):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.3 else "k", fontsize=8)
-    ax.set_title("Expert load on held-out questions\n(fraction of top-k assignments)", fontsize=10)
+    ax.set_title("Expert load on held-out questions\n(fraction of token-expert assignments)", fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

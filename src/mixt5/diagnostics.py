@@ -28,16 +28,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .modeling import MixT5PreTrainedModel, MixT5Router, RouterOutput
+from .modeling import MixT5PreTrainedModel, MixT5Router, RouterOutput, expert_counts, layer_name
 from .modeling.sparse_ff import MixT5LayerSparseFF
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 _COLUMN_CHUNK = 1 << 20  # Gram matrices in float64, a column block at a time: bounded extra memory
-
-
-def layer_name(stack: str, block: int) -> str:
-    """`encoder.4`: the name diagnostics and the trainer's `moe/load/...` logs use for a MoE layer."""
-    return f"{stack}.{block}"
 
 
 @dataclass
@@ -62,14 +57,12 @@ class _LayerTotals:
             else routing.token_mask.to(probs.dtype)
         )
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)  # (tokens,)
-        assigned = nn.functional.one_hot(expert_index, self.num_experts + 1).to(probs.dtype)  # (tokens, slots, E+1)
-        counts = (assigned.sum(dim=1) * real.unsqueeze(-1)).sum(dim=0)[: self.num_experts]  # (E,)
         unrouted = (expert_index == self.num_experts).all(dim=-1).to(probs.dtype)
         self.tokens = self.tokens + real.sum()
         self.entropy = self.entropy + (entropy * real).sum()
         self.dropped = self.dropped + routing.num_dropped.detach().to(probs.dtype)
         self.unrouted = self.unrouted + (unrouted * real).sum()
-        self.load = self.load + counts
+        self.load = self.load + expert_counts(routing)
 
     def summary(self) -> dict[str, Any]:
         tokens = float(self.tokens)

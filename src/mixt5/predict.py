@@ -11,7 +11,7 @@ from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedToken
 
 from .data.squad import PromptFormat, format_prompt
 from .loading import from_pretrained, load_tokenizer
-from .modeling import MixT5PreTrainedModel
+from .modeling import MixT5PreTrainedModel, layer_name
 from .modeling.router import RouterOutput
 
 
@@ -102,7 +102,7 @@ class QAPredictor:
         num_experts = self.model.config.num_experts
         layer_names = {"encoder": [], "decoder": []}
         for stack, block, _ in self.model.sparse_layers():
-            layer_names[stack].append(f"{stack}.{block}")
+            layer_names[stack].append(layer_name(stack, block))
         batch_size, src_len = inputs["input_ids"].shape
         num_inputs = int(inputs["attention_mask"][row].sum())
         input_tokens = self.tokenizer.convert_ids_to_tokens(inputs["input_ids"][row, :num_inputs].tolist())

@@ -1,9 +1,8 @@
-"""The one `Seq2SeqTrainer` subclass (router losses and expert load in the logs) and the SQuAD metric hook."""
+"""The one `Seq2SeqTrainer` subclass (router losses and expert load in the logs, samplers) and the SQuAD metric hook."""
 
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -13,10 +12,10 @@ from transformers import EvalPrediction, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
-from ._compat import TrainerHooksMixin
+from ._compat import TrainerHooksMixin, batches_per_item_count, token_cross_entropy
 from .data.squad import SquadExamples, TruncationStats
 from .metrics import squad_metrics
-from .modeling import MixT5PreTrainedModel, router_logits_to_expert_load
+from .modeling import MixT5PreTrainedModel, RouterOutput, expert_counts_by_layer
 
 
 class SquadEvaluator:
@@ -83,18 +82,32 @@ def share_t5_embedding_modules(model: torch.nn.Module) -> None:
             stack.embed_tokens = shared
 
 
+def seq2seq_token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+    """A dense T5's loss as MixT5's forward computes its LM loss (Trainer's `compute_loss_func`): the token
+    cross-entropy over `num_items_in_batch` (the optimizer step's label tokens) when given, else the batch mean."""
+    return token_cross_entropy(outputs["logits"], labels, num_items_in_batch)
+
+
 class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
-    """`Seq2SeqTrainer` that also logs the router aux/z losses, dropped assignments and per-layer expert load."""
+    """`Seq2SeqTrainer` that logs the router aux/z losses, dropped assignments and per-layer expert load, and keeps
+    the evaluation set in order. The loss is the model's own (see `MixT5ForConditionalGeneration.forward`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Trainer then counts the label tokens of each optimizer step over all accumulation steps and processes
-        # (`num_items_in_batch`); `compute_loss` normalises by that count itself (T5's forward ignores it).
-        self.model_accepts_loss_kwargs = True
+        # DataParallel (several GPUs, one process) splits a batch on its own: keep the model's per-batch mean there,
+        # as Trainer does for models that take no `num_items_in_batch`.
+        if self.args.n_gpu > 1:
+            self.model_accepts_loss_kwargs = False
+        elif self.compute_loss_func is None and self.label_smoother is None and not self._is_moe:
+            self.compute_loss_func = seq2seq_token_loss  # a stock T5's forward ignores `num_items_in_batch`
         if self.is_fsdp_enabled:
             share_t5_embedding_modules(self.accelerator.unwrap_model(self.model))
-        self._moe_sums: dict[str, float] = defaultdict(float)
+        self._moe_sums: dict[str, torch.Tensor] = {}
         self._moe_steps = 0
+
+    @property
+    def _is_moe(self) -> bool:
+        return isinstance(self.accelerator.unwrap_model(self.model), MixT5PreTrainedModel)
 
     def compute_loss(
         self,
@@ -103,74 +116,33 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
+        if not (model.training and self._is_moe):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        track = model.training and isinstance(unwrapped, MixT5PreTrainedModel)
-        if track:
-            inputs = {**inputs, "output_router_logits": True}
-        over_global_batch = (
-            num_items_in_batch is not None
-            and "labels" in inputs
-            and self.label_smoother is None
-            and self.args.n_gpu <= 1
-        )
-        # Tells `training_step` whether to divide by the accumulation steps (True: already done here).
-        self.loss_is_scaled_for_ga = over_global_batch
-        if over_global_batch:
-            outputs = model(**inputs)
-            loss = self._global_batch_loss(unwrapped, outputs, inputs["labels"], num_items_in_batch)
-        else:  # evaluation, label smoothing, DataParallel: the model's per-batch mean
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-        if track and outputs.get("aux_loss") is not None:
-            self._accumulate_moe_stats(unwrapped, inputs, outputs)
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            inputs = {**inputs, "num_batches_in_step": batches_per_item_count(self)}
+        with unwrapped.collect_routing() as records:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self._accumulate_moe_stats(unwrapped, outputs, records)
         return (loss, outputs) if return_outputs else loss
 
-    def _global_batch_loss(
-        self, model: torch.nn.Module, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int
-    ) -> torch.Tensor:
-        """This micro-batch's share of the optimizer step's loss, so that the step's gradient does not depend on how
-        its global batch is split into processes and accumulation steps.
-
-        The LM loss is this batch's token cross-entropy sum over the label tokens of the whole step (all accumulation
-        steps and processes), times the number of processes because DDP/FSDP/ZeRO average the gradients over them:
-        the step then minimises the mean over every label token of the global batch, as one process with the whole
-        batch would (T5's own loss is a per-batch mean: batches with fewer tokens would weigh more). The router's aux
-        and z losses are per-batch means (each process balances its own tokens, as Switch/GShard do per device),
-        divided by the accumulation steps: their mean over the step's batches.
-        """
-        logits = outputs["logits"]
-        token_sum = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=-100, reduction="sum"
-        )
-        loss = token_sum / num_items_in_batch
-        if self.args.average_tokens_across_devices:  # the count covers every process (Trainer gathers it)
-            loss = loss * self.accelerator.num_processes
-        if outputs.get("aux_loss") is not None:
-            moe = model.config.moe
-            router_loss = (
-                moe["router_aux_loss_coef"] * outputs["aux_loss"] + moe["router_z_loss_coef"] * outputs["router_z_loss"]
-            )
-            loss = loss + router_loss.to(loss.dtype) / self.current_gradient_accumulation_steps
-        return loss
-
     @torch.no_grad()
-    def _accumulate_moe_stats(self, model: MixT5PreTrainedModel, inputs: dict[str, Any], outputs: Any) -> None:
-        sums = self._moe_sums
-        sums["moe/aux_loss"] += float(outputs["aux_loss"])
-        sums["moe/z_loss"] += float(outputs["router_z_loss"])
-        sums["moe/dropped_assignments"] += float(outputs["num_dropped_tokens"])
-        top_k = model.config.moe["top_k"]
-        masks = {"encoder": inputs.get("attention_mask"), "decoder": inputs["labels"].ne(-100)}
-        names = defaultdict(list)
-        for stack, block, _ in model.sparse_layers():
-            names[stack].append(f"{stack}.{block}")
-        for stack in ("encoder", "decoder"):
-            logits = outputs.get(f"{stack}_router_logits") or ()
-            if not logits:
-                continue
-            loads = router_logits_to_expert_load(tuple(logits), top_k, masks[stack])  # (layers, E)
-            for name, load in zip(names[stack], loads.tolist(), strict=True):
-                for expert, fraction in enumerate(load):
-                    sums[f"moe/load/{name}/e{expert}"] += fraction
+    def _accumulate_moe_stats(
+        self, model: MixT5PreTrainedModel, outputs: Any, records: dict[str, list[RouterOutput]]
+    ) -> None:
+        """Add this batch's router losses, dropped assignments and dispatched assignments per expert (on the device:
+        no host synchronisation per step)."""
+        if outputs.get("aux_loss") is None:
+            return
+        step = {
+            "moe/aux_loss": outputs["aux_loss"].detach().to(torch.float64),
+            "moe/z_loss": outputs["router_z_loss"].detach().to(torch.float64),
+            "moe/dropped_assignments": outputs["num_dropped_tokens"].detach().to(torch.float64),
+        }
+        for name, counts in expert_counts_by_layer(model, records).items():
+            step[f"moe/counts/{name}"] = counts
+        for key, value in step.items():
+            self._moe_sums[key] = self._moe_sums[key] + value if key in self._moe_sums else value
         self._moe_steps += 1
 
     def train_sampler(self, default: torch.utils.data.Sampler | None) -> torch.utils.data.Sampler | None:
@@ -205,19 +177,28 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         )
 
     def _reduce_moe_stats(self) -> dict[str, float]:
-        """The MoE averages since the last log, reduced over processes (one collective per log, not per step).
+        """The MoE statistics since the last log, over all processes (one collective per log, not per step).
 
-        Losses and load fractions are averaged over processes, like Trainer's `loss`; the dropped-assignment count
-        is summed, so it counts per step of the global batch whatever the number of processes.
+        The losses are averaged over batches and processes, like Trainer's `loss`; the dropped-assignment count is per
+        step of the global batch (summed over processes); `moe/load/<layer>/e<k>` is the fraction of the assignments
+        the dispatch ran that went to expert k, over every token of every process since the last log.
         """
-        averages = {key: total / self._moe_steps for key, total in self._moe_sums.items()}
-        world_size = self.args.world_size
-        if world_size > 1:
-            keys = sorted(averages)  # the same keys on every process: they come from the model's config
-            values = torch.tensor([averages[key] for key in keys], device=self.args.device)
-            averages = dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
-            averages["moe/dropped_assignments"] *= world_size
-        return {key: round(value, 6) for key, value in averages.items()}
+        keys = list(self._moe_sums)  # the same keys in the same order on every process: from the model's config
+        sums = torch.cat([self._moe_sums[key].reshape(-1) for key in keys])
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        values = dict(zip(keys, sums.cpu().split([self._moe_sums[key].numel() for key in keys]), strict=True))
+        processes, steps = max(1, self.args.world_size), self._moe_steps
+        logs = {
+            "moe/aux_loss": float(values.pop("moe/aux_loss")) / (steps * processes),
+            "moe/z_loss": float(values.pop("moe/z_loss")) / (steps * processes),
+            "moe/dropped_assignments": float(values.pop("moe/dropped_assignments")) / steps,
+        }
+        for key, counts in values.items():
+            name = key.removeprefix("moe/counts/")
+            load = counts / counts.sum() if counts.sum() > 0 else counts
+            logs.update({f"moe/load/{name}/e{expert}": float(x) for expert, x in enumerate(load.tolist())})
+        return {key: round(value, 6) for key, value in logs.items()}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # Every process logs at the same steps (Trainer calls `log` on all of them), so the reduction cannot hang.

@@ -7,9 +7,11 @@ from .modeling_mixt5 import (
     MixT5ForConditionalGeneration,
     MixT5PreTrainedModel,
     MixT5Seq2SeqLMOutput,
+    expert_counts_by_layer,
+    layer_name,
     router_logits_to_expert_load,
 )
-from .router import MixT5Router, RouterOutput
+from .router import MixT5Router, RouterOutput, expert_counts
 from .sparse_ff import MixT5LayerSparseFF
 
 __all__ = [
@@ -23,5 +25,8 @@ __all__ = [
     "MixT5Router",
     "MixT5Seq2SeqLMOutput",
     "RouterOutput",
+    "expert_counts",
+    "expert_counts_by_layer",
+    "layer_name",
     "router_logits_to_expert_load",
 ]

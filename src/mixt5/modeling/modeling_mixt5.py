@@ -4,7 +4,8 @@ The T5 blocks keep their structure, so every attention, cache and generation pat
 small additions ride on top:
 - a forward pre-hook on each stack hands the padding mask to its MoE layers (T5 calls the FF sub-layer with
   the hidden states only), so the aux losses and expert-choice routing see real tokens only;
-- a model forward collects each MoE layer's `RouterOutput` and adds the aux losses to the loss.
+- a model forward collects each MoE layer's `RouterOutput` and adds the aux losses to the loss, which it computes
+  itself (token-normalised over a whole optimizer step when the Trainer passes `num_items_in_batch`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from transformers.models.t5.modeling_t5 import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .._compat import ExpertsImplementationMixin, init_submodel_with
+from .._compat import ExpertsImplementationMixin, init_submodel_with, token_cross_entropy
 from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
 from ..model_card import write_model_card
 from .experts import MixT5Experts, MixT5GatedExperts
-from .router import MixT5Router, RouterOutput, init_router_weight_
+from .router import MixT5Router, RouterOutput, expert_counts, init_router_weight_
 from .sparse_ff import MixT5LayerSparseFF
 from .tying import missing_lm_head_error
 
@@ -41,7 +42,8 @@ from .tying import missing_lm_head_error
 class MixT5Seq2SeqLMOutput(Seq2SeqLMOutput):
     """`Seq2SeqLMOutput` plus the router losses (already weighted into `loss`) and optional router logits.
 
-    `loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss` when labels are given.
+    `loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss` when labels are given
+    (the router part divided by `num_batches_in_step` when the forward got it, see `forward`).
     """
 
     lm_loss: torch.Tensor | None = None
@@ -77,6 +79,11 @@ def router_losses(records: list[RouterOutput]) -> RouterLosses | None:
     z_loss = torch.stack([router_z_loss_func(r.router_logits, r.token_mask) for r in records])
     dropped = torch.stack([r.num_dropped for r in records]).sum()
     return RouterLosses(aux.mean(), z_loss.mean(), dropped)
+
+
+def layer_name(stack: str, block: int) -> str:
+    """`encoder.4`: how logs, diagnostics, reports, predictions and the server name a MoE layer."""
+    return f"{stack}.{block}"
 
 
 def _stack_token_mask_hook(stack: T5Stack, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -190,6 +197,9 @@ class MixT5ForConditionalGeneration(MixT5PreTrainedModel, T5ForConditionalGenera
         self._sparsify_stacks()
         self.post_init()  # initialises only the new modules
 
+    # Trainer passes `num_items_in_batch` (see `forward`) and takes the loss as normalised over the optimizer step.
+    accepts_loss_kwargs = True
+
     @can_return_tuple
     def forward(
         self,
@@ -199,12 +209,26 @@ class MixT5ForConditionalGeneration(MixT5PreTrainedModel, T5ForConditionalGenera
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        num_batches_in_step: int | None = None,
         **kwargs: Any,
     ) -> MixT5Seq2SeqLMOutput:
-        """T5's forward; with labels, the router aux and z losses are added to the loss (see the output class)."""
-        moe = self.config.moe
+        """T5's forward; with labels, `loss` is the LM loss plus the weighted router aux and z losses.
+
+        Args:
+            num_items_in_batch: the label tokens of the whole optimizer step (Trainer counts them over the accumulation
+                steps and, with `average_tokens_across_devices`, the processes). The LM loss is then this batch's token
+                cross-entropy sum divided by it, so the step's batches add up to the mean over all its label tokens
+                however it is split; without it, the mean over this batch's label tokens.
+            num_batches_in_step: with `num_items_in_batch`, how many batches that count spans. The router losses are
+                per-batch means (each batch balances its own tokens, as Switch and GShard do per device); they are
+                divided by it, so the step's batches add up to their mean.
+        """
+        moe = self.config.moe_config
         if output_router_logits is None:
-            output_router_logits = moe["output_router_logits"]
+            output_router_logits = moe.output_router_logits
+        if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
+            decoder_input_ids = self._shift_right(labels)
         # decoder padding = positions without a label; the decoder's attention itself is left as T5 has it
         self.decoder.pending_token_mask = labels.ne(-100) if labels is not None else None
         try:
@@ -214,23 +238,23 @@ class MixT5ForConditionalGeneration(MixT5PreTrainedModel, T5ForConditionalGenera
                     attention_mask=attention_mask,
                     decoder_input_ids=decoder_input_ids,
                     decoder_attention_mask=decoder_attention_mask,
-                    labels=labels,
                     return_dict=True,
                     **kwargs,
                 )
         finally:
             self.decoder.pending_token_mask = None
-        result = MixT5Seq2SeqLMOutput(**outputs, lm_loss=outputs.loss)
+        result = MixT5Seq2SeqLMOutput(**outputs)
+        if labels is not None:
+            result.lm_loss = result.loss = token_cross_entropy(result.logits, labels, num_items_in_batch)
         losses = router_losses(records["encoder"] + records["decoder"])
         if losses is not None:
             result.aux_loss, result.router_z_loss = losses.aux_loss, losses.router_z_loss
             result.num_dropped_tokens = losses.num_dropped_tokens
             if result.loss is not None:
-                result.loss = (
-                    result.loss
-                    + moe["router_aux_loss_coef"] * losses.aux_loss.to(result.loss.dtype)
-                    + moe["router_z_loss_coef"] * losses.router_z_loss.to(result.loss.dtype)
-                )
+                router_loss = moe.router_aux_loss_coef * losses.aux_loss + moe.router_z_loss_coef * losses.router_z_loss
+                if num_items_in_batch is not None and num_batches_in_step is not None:
+                    router_loss = router_loss / num_batches_in_step
+                result.loss = result.loss + router_loss.to(result.loss.dtype)
         if output_router_logits:
             result.encoder_router_logits = tuple(r.router_logits for r in records["encoder"])
             result.decoder_router_logits = tuple(r.router_logits for r in records["decoder"])
@@ -254,7 +278,7 @@ class MixT5EncoderModel(MixT5PreTrainedModel, T5EncoderModel):
         **kwargs: Any,
     ) -> MixT5EncoderOutput:
         if output_router_logits is None:
-            output_router_logits = self.config.moe["output_router_logits"]
+            output_router_logits = self.config.moe_config.output_router_logits
         with self.collect_routing() as records:
             outputs = super().forward(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         result = MixT5EncoderOutput(**outputs)
@@ -267,10 +291,30 @@ class MixT5EncoderModel(MixT5PreTrainedModel, T5EncoderModel):
         return result
 
 
+def expert_counts_by_layer(
+    model: MixT5PreTrainedModel, records: dict[str, list[RouterOutput]]
+) -> dict[str, torch.Tensor]:
+    """Per MoE layer (`layer_name`), the assignments the dispatch ran per expert, (num_experts,) float64.
+
+    `records` as `collect_routing` gives them: per stack, each call's records in layer order (a `generate()` adds one
+    decoder round per step); a layer's counts are summed over its calls.
+    """
+    counts: dict[str, torch.Tensor] = {}
+    for stack in ("encoder", "decoder"):
+        names = [layer_name(s, block) for s, block, _ in model.sparse_layers() if s == stack]
+        for i, routing in enumerate(records.get(stack, ())):
+            name = names[i % len(names)]
+            counts[name] = counts[name] + expert_counts(routing) if name in counts else expert_counts(routing)
+    return counts
+
+
 def router_logits_to_expert_load(
     router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-layer expert load from router logits: (num_layers, E), the fraction of top-k assignments per expert.
+
+    It re-runs a plain top-k on the clean logits, so it ignores capacity dropping, noisy top-k and expert choice; for
+    what the dispatch did, use `expert_counts_by_layer` over `collect_routing()`'s records.
 
     Args:
         router_logits: per MoE layer, (tokens, E) as in `MixT5Seq2SeqLMOutput.encoder_router_logits`.

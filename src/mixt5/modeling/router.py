@@ -28,6 +28,19 @@ class RouterOutput(NamedTuple):
     num_dropped: torch.Tensor  # () assignments dropped by the capacity limit
 
 
+def expert_counts(routing: RouterOutput) -> torch.Tensor:
+    """(num_experts,) float64: the token-expert assignments the dispatch ran, per expert.
+
+    Counted from `expert_index`, so capacity-dropped and other unused slots and padding tokens are left out, and
+    noisy top-k and expert choice count what they chose, not a top-k of the clean logits. On the routing's device.
+    """
+    num_experts = routing.router_logits.shape[-1]
+    index = routing.expert_index.detach()  # (tokens, slots); num_experts marks an unused slot
+    if routing.token_mask is not None:
+        index = index.masked_fill(~routing.token_mask.unsqueeze(-1), num_experts)
+    return torch.bincount(index.reshape(-1), minlength=num_experts + 1)[:num_experts].to(torch.float64)
+
+
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     """Route in float32 at least, and never below the model's dtype (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
