@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
 
 from mixt5.data.extractive import (
     AnswerSpan,
@@ -214,6 +214,17 @@ def test_bad_window_settings(tokenizer) -> None:
         prepare_train_features([example("q", "Echo", start=-1)], tokenizer, **WINDOW)
     with pytest.raises(ValueError, match="--n_best_size must be positive"):
         ExtractiveArguments(n_best_size=0)
+
+
+def test_extractive_arguments_parse() -> None:
+    argv = ["--doc_stride", "64", "--max_answer_length", "12", "--skip_answer_starts_file", "side.json"]
+    (args,) = HfArgumentParser(ExtractiveArguments).parse_args_into_dataclasses(args=argv)
+    assert args == ExtractiveArguments(
+        doc_stride=64, n_best_size=20, max_answer_length=12, skip_answer_starts_file="side.json"
+    )
+    assert HfArgumentParser(ExtractiveArguments).parse_args_into_dataclasses(args=[]) == (
+        ExtractiveArguments(doc_stride=128, n_best_size=20, max_answer_length=30, skip_answer_starts_file=None),
+    )
 
 
 # --- training examples whose answer offset is known ---

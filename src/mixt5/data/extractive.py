@@ -180,7 +180,8 @@ def drop_unknown_answer_starts(
         skipped_ids=skipped[:_IDS_SHOWN],
     )
     if skipped or answer_starts_file is not None:
-        logger.warning(
+        logger.log(
+            logging.WARNING if skipped else logging.INFO,
             "%s: training on %d of %d questions: left out %d whose answer offset is guessed (listed in %s) and %d "
             "whose answer_start does not index the answer text (first ids: %s)",
             source or "training data",
@@ -238,7 +239,8 @@ def _tokenize_windows(
         stride=doc_stride,
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
-        # Left padding shifts token positions by batch, so pad every window to full length at once.
+        # A collator padding on the left would shift every token by a batch-dependent amount away from its labels
+        # and offsets, so windows are padded to full length here.
         padding="max_length" if not question_first else False,
     )
 
@@ -315,8 +317,11 @@ def _eval_batch(
         "example_id": [batch["id"][s] for s in sample_mapping],
         # Only context tokens keep their character offsets: post-processing never answers with anything else.
         "offset_mapping": [
-            [offset if sequence_id == context_index else None for offset, sequence_id in zip(offsets, seq, strict=True)]
-            for offsets, seq in ((offsets, encoded.sequence_ids(i)) for i, offsets in enumerate(offset_mapping))
+            [
+                span if kind == context_index else None
+                for span, kind in zip(offsets, encoded.sequence_ids(i), strict=True)
+            ]
+            for i, offsets in enumerate(offset_mapping)
         ],
     }
 
