@@ -188,6 +188,7 @@ def test_output_paths_that_cannot_be_written(model_dir, tmp_path, capfd):
     upcycle_argv = ["upcycle", *model, "--moe_layers", "last:1", "--output_dir"]
     predict = ["predict", *model, "--input_file", str(questions), "--output_file"]
     for argv, path, needle in [
+        (["demo", "--output_dir"], a_file, "is not a folder"), (["demo", "--output_dir"], a_file / "d", "is a file"),
         (upcycle_argv, a_file, "is not a folder"), (train, a_file, "is not a folder"),
         (evaluate, a_file, "is not a folder"), (predict, tmp_path, "is not a file"),
         (upcycle_argv, a_file / "sub", "is a file"), (train, a_file / "sub", "is a file"),

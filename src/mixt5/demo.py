@@ -24,7 +24,7 @@ import torch
 from .data import demo as demo_data
 from .data.demo import most_frequent_answer, write_demo_splits
 from .metrics import gold_answers_from_squad_json, squad_metrics
-from .utils import read_json, write_json_atomic
+from .utils import check_output_path, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = demo_data.DEMO_CHECKPOINT
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"the demo checkpoint is missing at {checkpoint}; run scripts/make_demo_checkpoint.py")
+    check_output_path(args.output_dir, "--output_dir", is_dir=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.output_dir)
     start = time.perf_counter()
