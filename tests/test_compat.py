@@ -12,20 +12,24 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForSeq2SeqLM, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import AutoModelForSeq2SeqLM, MT5Config, Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config
 
 from mixt5 import MixT5Config, MixT5ForConditionalGeneration, MoEConfig, upcycle
 from mixt5._compat import (
     TrainerHooksMixin,
+    config_forces_tied_output,
     experts_class,
     experts_implementation,
     index_for_transformers_kernels,
     init_submodel_with,
+    local_or_cached_file,
+    read_weights_file,
     register_experts_kernel,
     set_experts_implementation,
     token_cross_entropy,
 )
 from mixt5.modeling import MixT5GatedExperts
+from published import write_published_checkpoint
 from tiny import tiny_config, tiny_dense
 
 
@@ -209,3 +213,43 @@ def test_trainer_hooks_choose_the_samplers_and_the_eval_gather(tmp_path):
     assert isinstance(trainer.get_eval_dataloader().sampler, SequentialSampler)
     trainer.evaluate()
     assert gathered  # the eval losses went through our gather function
+
+
+def test_t5_configs_force_a_tied_output_and_keep_the_flag_as_the_rescale():
+    """T5Config/MT5Config always say tied; T5 keeps the given flag as `scale_decoder_outputs` (what `MixT5Config`
+    and `tying` correct for)."""
+    assert config_forces_tied_output(T5Config) and config_forces_tied_output(MT5Config)
+    assert T5Config(tie_word_embeddings=False).scale_decoder_outputs is False and T5Config().scale_decoder_outputs
+
+
+def test_tie_weights_ties_what_get_expanded_tied_weights_keys_returns(tmp_path):
+    """`post_init` / `tie_weights()` tie the pairs `get_expanded_tied_weights_keys` returns (`OutputTieMixin` keeps
+    `embed_tokens` -> `shared` and drops `lm_head`); a stock T5 loaded with a separate head is tied again by a later
+    `tie_weights()` unless its config says untied (why `tying.record_tying` sets it)."""
+    moe = {"num_experts": 2, "moe_layers": "last:1"}
+    for tied in (True, False):
+        config = MixT5Config(moe=moe, **{**tiny_config().to_dict(), "tie_word_embeddings": tied})
+        model = MixT5ForConditionalGeneration(config)
+        model.tie_weights()
+        assert (model.lm_head.weight is model.shared.weight) is tied
+        assert model.encoder.embed_tokens.weight is model.shared.weight is model.decoder.embed_tokens.weight
+    write_published_checkpoint(tmp_path, "t5-v1_1-base", "safetensors")
+    stock = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert stock.lm_head.weight is not stock.shared.weight
+    stock.tie_weights()
+    assert stock.lm_head.weight is stock.shared.weight
+
+
+def test_weights_files_and_cached_files_are_read_as_from_pretrained_reads_them(tmp_path):
+    """`modeling_utils.load_state_dict` reads safetensors and `.bin` (weights only); `cached_file` with its private
+    switches gives None for a file a folder does not have."""
+    tensors = {"a": torch.arange(3.0), "b": torch.ones(2, 2)}
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "model.safetensors")
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        read = read_weights_file(tmp_path / name)
+        assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    assert local_or_cached_file(str(tmp_path), "model.safetensors") == str(tmp_path / "model.safetensors")
+    assert local_or_cached_file(str(tmp_path), "spiece.model") is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,41 @@ def test_model_card(tmp_path):
     assert main(encoder_argv) == 0
     card = ModelCard.load(tmp_path / "enc" / "README.md")
     assert card.data.pipeline_tag == "feature-extraction" and "decoder blocks" not in card.text
+
+
+@pytest.mark.slow
+def test_resume_and_best_checkpoint_keep_the_separate_lm_head(tmp_path):
+    """Trainer's own reloads (`--resume_from_checkpoint`, `--load_best_model_at_end`) restore `lm_head` as saved."""
+    import shutil
+
+    from tiny import SAMPLE_SQUAD
+
+    _qa_checkpoint(tmp_path / "dense", "t5-v1_1-base")
+
+    def train(out, *extra):
+        argv = ["train", "--model_name_or_path", str(tmp_path / "dense"), "--output_dir", str(out),
+                "--train_file", str(SAMPLE_SQUAD), "--max_train_samples", "8", "--per_device_train_batch_size", "4",
+                "--learning_rate", "1e-2", "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3",
+                "--max_sequence_length", "48", "--use_cpu", "--report_to", "none", "--seed", "5", "--enable_moe",
+                *MOE_FLAGS, *extra]  # fmt: skip
+        assert main(argv) == 0
+        return load_file(out / "model.safetensors")
+
+    straight = train(tmp_path / "straight")
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train(tmp_path / "resumed", "--resume_from_checkpoint", "last")
+    assert not torch.equal(straight["lm_head.weight"], straight["shared.weight"])
+    for name in ("lm_head.weight", "shared.weight"):
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
+
+    # the worst checkpoint by eval loss, so that the reload has to bring back an earlier lm_head
+    best = train(tmp_path / "best", "--validation_file", str(SAMPLE_SQUAD), "--max_eval_samples", "4",
+                 "--eval_strategy", "steps", "--eval_steps", "1", "--load_best_model_at_end", "true",
+                 "--metric_for_best_model", "eval_loss", "--greater_is_better", "true")  # fmt: skip
+    state = json.loads((tmp_path / "best" / "checkpoint-3" / "trainer_state.json").read_text())
+    chosen = load_file(Path(state["best_model_checkpoint"]) / "model.safetensors")
+    last = load_file(tmp_path / "best" / "checkpoint-3" / "model.safetensors")
+    assert not torch.equal(chosen["lm_head.weight"], last["lm_head.weight"])  # the reload is visible
+    for name in ("lm_head.weight", "shared.weight"):
+        assert torch.equal(best[name], chosen[name]), name

@@ -10,13 +10,16 @@ Imports: transformers only (this module sits below `config`, so every MixT5 modu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import modeling_utils
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.loss.loss_utils import LOSS_MAPPING
+from transformers.utils import cached_file
 
 # --- Experts kernels (`transformers.integrations.moe`, transformers >= 5) --------------------------------------------
 
@@ -72,6 +75,50 @@ class ExpertsImplementationMixin:
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
+
+
+# --- Tied output layer (transformers 5's tie API) -------------------------------------------------------------------
+
+
+def config_forces_tied_output(config_class: type) -> bool:
+    """Whether `config_class` (T5Config, MT5Config) says `tie_word_embeddings=True` whatever it is given.
+
+    transformers 5's T5/MT5 configs do, keeping the given value only as T5's `scale_decoder_outputs`; their
+    `from_pretrained` keeps a separate `lm_head` only because the checkpoint holds a different `lm_head.weight`, and a
+    later `tie_weights()` (resizing the embeddings, FSDP2) ties it again unless the config says False.
+    """
+    return bool(config_class(tie_word_embeddings=False).tie_word_embeddings)
+
+
+class OutputTieMixin:
+    """For T5-family `PreTrainedModel`s whose `lm_head` is tied to `shared` only when `config.tie_word_embeddings` is.
+
+    transformers 5 ties the `{target: source}` pairs `get_expanded_tied_weights_keys` returns (in `post_init`,
+    `tie_weights()` and `from_pretrained`), and returns none at all for a config that says untied: T5's encoder and
+    decoder `embed_tokens` would stop being `shared`. We keep those and drop only `lm_head.weight`.
+    """
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
+        if all_submodels:  # calls this method on each PreTrainedModel inside, `self` included
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        mapping = dict(self._tied_weights_keys or {})
+        if not self.config.tie_word_embeddings:
+            mapping.pop("lm_head.weight", None)
+        return mapping
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of one `*.safetensors` or legacy `pytorch_model*.bin` file, read as `from_pretrained` reads them
+    (`modeling_utils.load_state_dict`: safetensors, or `torch.load(weights_only=True)` behind its torch check)."""
+    return modeling_utils.load_state_dict(path)
+
+
+def local_or_cached_file(source: str, name: str) -> str | None:
+    """The path of file `name` of `source` (a folder, or a hub id: downloaded into the cache), or None when it has
+    none or the hub cannot be reached (`cached_file`'s private `_raise_exceptions_for_*` switches)."""
+    return cached_file(
+        source, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+    )
 
 
 # --- Weight initialisation -------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from transformers import T5Config
-from transformers.modeling_utils import load_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from ._compat import read_weights_file
 from .config import MoEConfig
 from .modeling.modeling_mixt5 import MixT5ForConditionalGeneration
 from .modeling.tying import missing_lm_head_error
@@ -49,7 +49,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file} is listed in the checkpoint's index but missing.")
-        state.update(load_state_dict(file))
+        state.update(read_weights_file(file))
     return state
 
 

@@ -154,17 +154,13 @@ def copy_tokenizer(source: str, destination: str | os.PathLike) -> bool:
     model config alone).
     """
     from transformers import AutoTokenizer
-    from transformers.utils import cached_file
+
+    from ._compat import local_or_cached_file
 
     found = {}
     for name in TOKENIZER_FILES:
         try:
-            path = cached_file(
-                source,
-                name,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-            )
+            path = local_or_cached_file(source, name)
         except (OSError, ValueError):  # not a folder nor a valid hub id (e.g. builtin:...)
             return False
         if path is not None:

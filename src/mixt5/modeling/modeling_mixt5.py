@@ -28,7 +28,7 @@ from transformers.models.t5.modeling_t5 import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .._compat import ExpertsImplementationMixin, init_submodel_with, token_cross_entropy
+from .._compat import ExpertsImplementationMixin, OutputTieMixin, init_submodel_with, token_cross_entropy
 from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
 from ..model_card import write_model_card
@@ -96,24 +96,14 @@ def _stack_token_mask_hook(stack: T5Stack, args: tuple, kwargs: dict[str, Any]) 
             block.layer[-1].token_mask = mask
 
 
-class MixT5PreTrainedModel(ExpertsImplementationMixin, T5PreTrainedModel):
+class MixT5PreTrainedModel(OutputTieMixin, ExpertsImplementationMixin, T5PreTrainedModel):
+    """T5's pretrained-model base plus MixT5's config, init, tying (`lm_head` tied only when the config says so, see
+    `tying`) and model card."""
+
     config_class = MixT5Config
     config: MixT5Config
     # `down_proj` is the experts' `wo`: kept in fp32 under fp16 like T5's `wo`, and so is the router
     _keep_in_fp32_modules: ClassVar[list[str]] = ["wo", "down_proj", "router"]
-
-    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
-        """T5's ties, with `lm_head` tied to `shared` only when the config says so.
-
-        transformers drops every tie of a model whose config says `tie_word_embeddings=False`; in every T5 family the
-        encoder's and decoder's `embed_tokens` are `shared`, and only the output layer differs (see `tying`).
-        """
-        if all_submodels:  # calls this method on each PreTrainedModel inside, `self` included
-            return super().get_expanded_tied_weights_keys(all_submodels=True)
-        mapping = dict(self._tied_weights_keys or {})
-        if not self.config.tie_word_embeddings:
-            mapping.pop("lm_head.weight", None)
-        return mapping
 
     def save_pretrained(self, save_directory: Any, is_main_process: bool = True, *args: Any, **kwargs: Any) -> Any:
         """transformers' `save_pretrained`, plus the model card (`README.md`, see `mixt5.model_card`)."""
