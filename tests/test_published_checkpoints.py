@@ -402,3 +402,80 @@ def test_resume_and_best_checkpoint_keep_the_separate_lm_head(tmp_path):
     assert not torch.equal(chosen["lm_head.weight"], last["lm_head.weight"])  # the reload is visible
     for name in ("lm_head.weight", "shared.weight"):
         assert torch.equal(best[name], chosen[name]), name
+
+
+# FSDP2 (accelerate's preparation with examples/fsdp/fsdp.json, as MixT5Trainer gets it on GPUs) against DDP, on 2 CPU
+# processes: an untied model keeps lm_head and shared apart through the wrapping, a `tie_weights()` and 3 SGD steps.
+UNTIED_FSDP_WORKER = """
+import copy, json, sys, types
+from pathlib import Path
+import torch, torch.distributed as dist
+from accelerate import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModelForSeq2SeqLM
+from mixt5 import MoEConfig, upcycle
+from mixt5.train import parse_train_args
+from mixt5.trainer import share_t5_embedding_modules
+from published import write_published_checkpoint
+from tiny import batch
+
+out = Path(sys.argv[1])
+args = parse_train_args(["--model_name_or_path", "m", "--output_dir", str(out), "--use_cpu", "--fsdp",
+                         "--fsdp_config", "examples/fsdp/fsdp.json", "--ddp_timeout", "60"])[3]
+rank = args.process_index
+if rank == 0:
+    write_published_checkpoint(out / "dense", "t5-v1_1-base", "safetensors")
+dist.barrier()
+dense = AutoModelForSeq2SeqLM.from_pretrained(out / "dense", dropout_rate=0.0)
+initial = upcycle(dense, MoEConfig(num_experts=4, top_k=2, moe_layers="all")).train()
+inputs = {k: v % 64 if k == "input_ids" else v for k, v in batch(seed=rank, batch_size=2).items()}
+inputs["labels"] = inputs["labels"].where(inputs["labels"] < 0, inputs["labels"] % 64)
+
+def train(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+ddp_model = copy.deepcopy(initial)
+train(DistributedDataParallel(ddp_model))
+ddp_state = ddp_model.state_dict()
+plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                    is_main_process=rank == 0, device=torch.device("cpu"))
+fsdp_model = copy.deepcopy(initial)
+share_t5_embedding_modules(fsdp_model)
+fsdp_model = fsdp2_prepare_model(accelerator, fsdp_model)
+fsdp_model.tie_weights()  # as accelerate does with cpu_ram_efficient_loading, and resizing the embeddings
+train(fsdp_model)
+full = {name: tensor.full_tensor() for name, tensor in fsdp_model.state_dict().items()}
+if rank == 0:
+    print("RESULT " + json.dumps({
+        "separate": fsdp_model.lm_head.weight is not fsdp_model.shared.weight,
+        "head_vs_shared": (full["lm_head.weight"] - full["shared.weight"]).abs().max().item(),
+        "head_moved": (full["lm_head.weight"] - initial.state_dict()["lm_head.weight"]).abs().max().item(),
+        "fsdp_vs_ddp": max((full[n] - t).abs().max().item() for n, t in ddp_state.items()),
+    }))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_keeps_an_untied_lm_head(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import REPO, _free_port
+
+    (tmp_path / "worker.py").write_text(UNTIED_FSDP_WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            str(tmp_path / "worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["separate"] and result["head_vs_shared"] > 0.1 and result["head_moved"] > 0
+    assert result["fsdp_vs_ddp"] < 1e-5, result
