@@ -1,4 +1,4 @@
-"""Benchmarks 2 and 3: a whole training step and greedy generation, dense T5 against its upcycled copy.
+"""Benchmarks 2-4: a training step, greedy generation and SQuAD-shaped evaluation, dense T5 against its upcycled copy.
 
 Both models are built from a config (random weights; nothing is downloaded); the upcycled one is
 `upcycle(copy.deepcopy(dense), MoEConfig(...))`. The measured time ratio (upcycled / dense) is set against the
@@ -177,6 +177,9 @@ def run_step_benchmark(
     }
 
 
+CACHES = ("dynamic", "static")
+
+
 def run_generate_benchmark(
     preset: str,
     moe: MoEConfig,
@@ -187,36 +190,83 @@ def run_generate_benchmark(
     device: torch.device,
     dtype: torch.dtype,
     timer: str,
+    cache: str = "dynamic",
+    exact_length: bool = True,
 ) -> dict[str, Any]:
-    """Greedy `generate()` of exactly `target_len` new tokens (EOS suppressed until then), dense against upcycled."""
+    """Greedy `generate()` of `target_len` new tokens, dense against upcycled.
+
+    `exact_length`: EOS is held back until `target_len` (the generate benchmark); else up to `target_len`, stopping
+    at EOS as evaluation does (the evaluate benchmark; the new tokens are counted). `cache="static"`:
+    `cache_implementation="static"`, with which transformers compiles the decoding step on CUDA (inductor,
+    "reduce-overhead": CUDA graphs); the warmup rounds take the compilation.
+    The measured ratio is set against the FLOP ratio and against the ratio of weight bytes one decoding step reads
+    (`decode_weight_bytes`): small-batch decoding is bound by the larger of the two.
+    """
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     dense, sparse = build_models(preset, moe, device, dtype)
     inputs = _inputs(dense.config, work, device)
     del inputs["labels"]
-    kwargs = dict(max_new_tokens=work.target_len, min_new_tokens=work.target_len, do_sample=False, num_beams=1)
+    kwargs: dict[str, Any] = dict(max_new_tokens=work.target_len, do_sample=False, num_beams=1)
+    if exact_length:
+        kwargs["min_new_tokens"] = work.target_len
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    outputs: dict[str, torch.Tensor] = {}
 
-    def make(model: torch.nn.Module):
+    def make(name: str, model: torch.nn.Module):
         model.eval()
 
         def run() -> None:
             with torch.inference_mode():
-                out = model.generate(**inputs, **kwargs)
-            if out.shape[1] != work.target_len + 1:  # + decoder_start_token
-                raise RuntimeError(f"generate() returned {out.shape[1] - 1} tokens, expected {work.target_len}")
+                outputs[name] = model.generate(**inputs, **kwargs)
+            if exact_length and outputs[name].shape[1] != work.target_len + 1:  # + decoder_start_token
+                raise RuntimeError(f"generate() returned {outputs[name].shape[1] - 1} tokens, not {work.target_len}")
 
         return run
 
-    timings = interleaved({"dense": make(dense), "upcycled": make(sparse)}, repeats, warmup, device)
+    models = {"dense": dense, "upcycled": sparse}
+    timings = interleaved({name: make(name, model) for name, model in models.items()}, repeats, warmup, device)
     layers = sparse.config.moe_layer_indices
     dense_flops = t5_flops(dense.config, work, generate=True)
     sparse_flops = t5_flops(dense.config, work, layers, moe.top_k, moe.num_experts, generate=True)
-    return {
-        **_comparison(preset, moe, work, (dense, sparse), (dense_flops, sparse_flops), timings, timer),
-        "new_tokens": work.target_len,
-        "decode_step_weight_bytes": {
-            "dense": decode_weight_bytes(dense, work.batch),
-            "upcycled": decode_weight_bytes(sparse, work.batch, moe.top_k, moe.num_experts),
-        },
+    result = _comparison(preset, moe, work, (dense, sparse), (dense_flops, sparse_flops), timings, timer)
+    weight_bytes = {
+        "dense": decode_weight_bytes(dense, work.batch),
+        "upcycled": decode_weight_bytes(sparse, work.batch, moe.top_k, moe.num_experts),
     }
+    bytes_ratio = weight_bytes["upcycled"] / weight_bytes["dense"]
+    yardstick = max(result["flop_ratio"], bytes_ratio)
+    return {
+        **result,
+        "cache": cache,
+        "new_tokens": work.target_len,
+        "exact_length": exact_length,
+        "mean_new_tokens": {
+            name: _mean_new_tokens(out, models[name].config.eos_token_id) for name, out in outputs.items()
+        },
+        "decode_step_weight_bytes": weight_bytes,
+        "bytes_ratio": bytes_ratio,
+        "measured_over_bytes_ratio": result["measured_ratio"] / bytes_ratio,
+        "yardstick_ratio": yardstick,
+        "measured_over_yardstick": result["measured_ratio"] / yardstick,
+    }
+
+
+def _mean_new_tokens(sequences: torch.Tensor, eos_token_id: int) -> float:
+    """Generated tokens per row, up to and including the first EOS (the padding after it is no work)."""
+    is_eos = (sequences[:, 1:] == eos_token_id).int()  # without the decoder start token
+    before_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
+    return float(before_first_eos.sum()) / sequences.shape[0]
+
+
+def run_evaluate_benchmark(preset: str, moe: MoEConfig, work: Workload, **kwargs: Any) -> dict[str, Any]:
+    """SQuAD-shaped evaluation throughput: greedy answers of up to `target_len` tokens for `batch` questions of
+    `source_len` tokens per `generate()` call, questions per second for dense and upcycled."""
+    result = run_generate_benchmark(preset, moe, work, exact_length=False, **kwargs)
+    key = f"median_{kwargs['timer']}_s"
+    result["questions_per_s"] = {name: work.batch / t[key] for name, t in result["timings"].items()}
+    return result
 
 
 def _comparison(

@@ -1,8 +1,8 @@
-"""The benchmark suite's one entry point: `python -m benchmarks [layer] [step] [generate] [upcycle] [flags]`.
+"""The benchmark suite's one entry point: `python -m benchmarks [BENCHMARK ...] [flags]`.
 
-Runs the chosen benchmarks (all four by default), prints a table per benchmark and the targets, and writes every
-measurement to `--output` (JSON, rewritten after each benchmark). Sizes are flags; see `--help` and
-docs/benchmarks.md for the commands behind the published numbers.
+Runs the chosen benchmarks (layer, step, generate and upcycle by default; evaluate when named), prints a table per
+benchmark and the targets, and writes every measurement to `--output` (JSON, rewritten after each benchmark). Sizes
+are flags; see `--help` and docs/benchmarks.md for the commands behind the published numbers.
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from mixt5.utils import write_json_atomic
 
 from .layer import LAYER_SIZES, LayerSize, run_layer_benchmark
 from .memory import run_upcycle_memory_benchmark
-from .model import MODEL_PRESETS, Workload, run_generate_benchmark, run_step_benchmark
+from .model import CACHES, MODEL_PRESETS, Workload, run_evaluate_benchmark, run_generate_benchmark, run_step_benchmark
 
-BENCHMARKS = ("layer", "step", "generate", "upcycle")
+BENCHMARKS = ("layer", "step", "generate", "evaluate", "upcycle")
+# what runs when none is named: evaluate (64 questions per call) takes minutes per round on a CPU
+DEFAULT_BENCHMARKS = ("layer", "step", "generate", "upcycle")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the issue's targets, as ratios
 LAYER_FLOOR_TARGET, LAYER_SPEEDUP_TARGET = 1.05, 1.15
 STEP_TARGET, GENERATE_TARGET, MEMORY_TARGET = 1.05, 1.10, 1.5
+GENERATE_YARDSTICK_TARGET = 1.05  # generation: measured / the larger of its FLOP and weight-bytes ratios
 # environment variables that change the timings, recorded with the results
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_")
 LAYER_SIZES_FOR_TESTS = {"tiny": LayerSize(32, 64, "gated-gelu"), "tiny-relu": LayerSize(32, 64, "relu")}
@@ -37,7 +40,12 @@ LAYER_SIZES_FOR_TESTS = {"tiny": LayerSize(32, 64, "gated-gelu"), "tiny-relu": L
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK", help=f"any of {', '.join(BENCHMARKS)} (all)")
+    parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="BENCHMARK",
+        help=f"any of {', '.join(BENCHMARKS)} (default: {', '.join(DEFAULT_BENCHMARKS)})",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=list(DTYPES), help="float32 on CPU, bfloat16 on CUDA by default")
@@ -65,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--gen-batch", type=int, default=16, help="generate: batch size")
     model.add_argument("--gen-source-len", type=int, default=192, help="generate: input tokens (SQuAD-like)")
     model.add_argument("--new-tokens", type=int, default=30, help="generate: new tokens per row (greedy)")
+    model.add_argument(
+        "--gen-cache",
+        choices=CACHES,
+        default="dynamic",
+        help="generate/evaluate: the KV cache; static makes transformers compile decoding on CUDA (CUDA graphs)",
+    )
+    model.add_argument("--eval-batch", type=int, default=64, help="evaluate: questions per generate() call")
+    model.add_argument("--eval-source-len", type=int, default=192, help="evaluate: tokens per question + context")
+    model.add_argument("--eval-new-tokens", type=int, default=30, help="evaluate: answer tokens at most (greedy)")
     model.add_argument("--upcycle-workdir", help="upcycle: folder for the temporary checkpoints (default: $TMPDIR)")
     return parser
 
@@ -76,9 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    args.benchmarks = args.benchmarks or list(BENCHMARKS)
+    args.benchmarks = args.benchmarks or list(DEFAULT_BENCHMARKS)
     positive = ["tokens", "experts", "top_k", "repeats", "batch", "source_len", "target_len", "gen_batch"]
-    positive += ["gen_source_len", "new_tokens"]
+    positive += ["gen_source_len", "new_tokens", "eval_batch", "eval_source_len", "eval_new_tokens"]
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -173,6 +190,12 @@ def _layer_report(result: dict[str, Any], timer: str, targets: list[dict[str, An
         )
     for pass_name in ("forward", "forward_backward"):
         ratios = result["ratio_to_floor"][pass_name]
+        if "hf_grouped_mm" in ratios:
+            versus_hf = ratios["mixt5"] / ratios["hf_grouped_mm"]
+            lines.append(
+                f"  {result['size']} {pass_name}: mixt5 / hf_grouped_mm = {versus_hf:.3f}"
+                " (transformers' grouped_mm backend; below 1: MixT5 faster)"
+            )
         ratio, speedup = ratios["mixt5"], ratios["modulelist"] / ratios["mixt5"]
         for what, value, target, higher in (
             (f"{result['size']} {pass_name}: mixt5 / floor", ratio, LAYER_FLOOR_TARGET, False),
@@ -189,7 +212,10 @@ def _model_report(name: str, result: dict[str, Any], timer: str, target: float, 
     params = result["parameters"]
     work = f"batch {result['batch']}, source {result['source_len']}, "
     work += f"target {result['target_len']}" if name == "step" else f"{result['new_tokens']} new tokens"
-    lines = [f"{name}: {result['model']} dense vs upcycled ({result['moe_layers']}), {work}"]
+    title = f"{name}: {result['model']} dense vs upcycled ({result['moe_layers']}), {work}"
+    if "cache" in result:
+        title += f", {result['cache']} cache"
+    lines = [title]
     rows = [["model", "parameters", "GFLOP", f"median {timer} s"]]
     for model in ("dense", "upcycled"):
         rows.append(
@@ -210,12 +236,20 @@ def _model_report(name: str, result: dict[str, Any], timer: str, target: float, 
             f"  forward+backward ratio / FLOP ratio = {result['forward_backward_over_flop_ratio']:.3f} "
             "(the optimizer's update is left out of the FLOPs: it is memory-bound and scales with parameters)"
         )
-    if name == "generate":
+    if name in ("generate", "evaluate"):
         decode = result["decode_step_weight_bytes"]
         lines.append(
             f"  each decoding step streams {decode['dense'] / 2**20:.0f} MiB of weights (dense) vs "
-            f"{decode['upcycled'] / 2**20:.0f} MiB (upcycled): {decode['upcycled'] / decode['dense']:.2f}x, "
+            f"{decode['upcycled'] / 2**20:.0f} MiB (upcycled): {result['bytes_ratio']:.2f}x, "
             "where the FLOPs grow far less; small-batch decoding is bound by those bytes"
+        )
+        tokens = result["mean_new_tokens"]
+        lines.append(f"  new tokens per row: dense {tokens['dense']:.1f}, upcycled {tokens['upcycled']:.1f}")
+    if name == "evaluate":
+        per_s = result["questions_per_s"]
+        lines.append(
+            f"  questions/s: dense {per_s['dense']:.1f}, upcycled {per_s['upcycled']:.1f} "
+            f"(dense / upcycled = {per_s['dense'] / per_s['upcycled']:.3f})"
         )
     value = result["measured_over_flop_ratio"]
     verdict = _verdict(value, target)
@@ -224,6 +258,15 @@ def _model_report(name: str, result: dict[str, Any], timer: str, target: float, 
         f"measured / FLOP = {value:.3f} (target <= {target}): {verdict}"
     )
     targets.append({"what": f"{name}: measured / FLOP ratio", "value": value, "target": target, "verdict": verdict})
+    if name in ("generate", "evaluate"):
+        value = result["measured_over_yardstick"]
+        verdict = _verdict(value, GENERATE_YARDSTICK_TARGET)
+        what = f"{name}: measured / max(FLOP, bytes) ratio"
+        lines.append(
+            f"  FLOP ratio {result['flop_ratio']:.3f}, weight-bytes ratio {result['bytes_ratio']:.3f}: measured / "
+            f"the larger = {value:.3f} (target <= {GENERATE_YARDSTICK_TARGET}): {verdict}"
+        )
+        targets.append({"what": what, "value": value, "target": GENERATE_YARDSTICK_TARGET, "verdict": verdict})
     return "\n".join(lines)
 
 
@@ -284,8 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         save("step", result, _model_report("step", result, args.timer, STEP_TARGET, targets))
     if "generate" in args.benchmarks:
         work = Workload(args.gen_batch, args.gen_source_len, args.new_tokens)
-        result = run_generate_benchmark(args.model, args.moe, work, **timing)
+        result = run_generate_benchmark(args.model, args.moe, work, cache=args.gen_cache, **timing)
         save("generate", result, _model_report("generate", result, args.timer, GENERATE_TARGET, targets))
+    if "evaluate" in args.benchmarks:
+        work = Workload(args.eval_batch, args.eval_source_len, args.eval_new_tokens)
+        result = run_evaluate_benchmark(args.model, args.moe, work, cache=args.gen_cache, **timing)
+        save("evaluate", result, _model_report("evaluate", result, args.timer, GENERATE_TARGET, targets))
     if "upcycle" in args.benchmarks:
         result = run_upcycle_memory_benchmark(args.model, args.moe, args.upcycle_workdir)
         save("upcycle", result, _memory_report(result, targets))
