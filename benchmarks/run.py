@@ -26,7 +26,7 @@ from .memory import run_upcycle_memory_benchmark
 from .model import CACHES, MODEL_PRESETS, Workload, run_evaluate_benchmark, run_generate_benchmark, run_step_benchmark
 
 BENCHMARKS = ("layer", "step", "generate", "evaluate", "upcycle")
-# what runs when none is named: evaluate (64 questions per call) takes minutes per round on a CPU
+# what runs when none is named: evaluate (64 questions x 192 tokens per call) is slow on a CPU
 DEFAULT_BENCHMARKS = ("layer", "step", "generate", "upcycle")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the targets, as ratios
