@@ -161,6 +161,14 @@ def test_untied_config_without_lm_head_is_refused(tmp_path, capsys):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "moe")
 
 
+def test_builtin_tiny_model_has_a_separate_lm_head_like_t5_v1_1(tmp_path):
+    argv = ["upcycle", "--model_name_or_path", "builtin:t5-v1_1-tiny", "--output_dir", str(tmp_path), "--moe_layers"]
+    assert main([*argv, "last:1"]) == 0
+    weights = load_file(tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert not torch.equal(weights["lm_head.weight"], weights["shared.weight"])
+
+
 def test_checkpoints_saved_before_the_fix_still_load_tied(tmp_path):
     """MixT5 once saved every model tied (config `tie_word_embeddings: true`, no `lm_head.weight`): still loadable."""
     path = tmp_path / "dense"
@@ -270,6 +278,11 @@ def test_training_step_trains_a_separate_lm_head(tmp_path, name, enable_moe):
     assert not torch.allclose(head_step, shared_step)  # two parameters, two updates
     assert model.lm_head.weight is not model.shared.weight
     assert torch.equal(model.lm_head.weight, after["lm_head.weight"])
+    from mixt5.predict import QAPredictor  # `mixt5 predict` and `mixt5 serve` load through it
+
+    predictor = QAPredictor(str(out), prompt_format="seed", device="cpu")
+    assert predictor.model.lm_head.weight is not predictor.model.shared.weight
+    assert torch.equal(predictor.model.lm_head.weight, after["lm_head.weight"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ def _load_dense(name: str, encoder_only: bool, dtype: str) -> Any:
         torch.manual_seed(0)
         config = T5Config(**BUILTIN_MODELS[name])
         model = (T5EncoderModel if encoder_only else T5ForConditionalGeneration)(config)
+        if not encoder_only:  # a separate lm_head, as published t5-v1.1 has (transformers 5's T5Config ties it)
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * config.initializer_factor)
+            model.config.tie_word_embeddings = False
         return model if dtype == "auto" else model.to(getattr(torch, dtype))
     from .loading import from_pretrained
 
