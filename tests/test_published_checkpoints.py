@@ -211,9 +211,12 @@ def test_convert_seed_keeps_the_forks_lm_head(tmp_path, storage):
     config.update(tie_word_embeddings=False, activate_moe=True, num_local_experts=NUM_EXPERTS,
                   num_experts_per_tok=TOP_K, num_moe_layers=FIRST_MOE)  # fmt: skip
     (src / "config.json").write_text(json.dumps(config))
+    generation = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "num_beams": 3, "max_length": 17}
+    (src / "generation_config.json").write_text(json.dumps(generation))
 
     assert main(["convert-seed", str(src), str(tmp_path / "converted")]) == 0
     converted = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "converted").eval()
+    assert (converted.generation_config.num_beams, converted.generation_config.max_length) == (3, 17)
     assert not converted.config.tie_word_embeddings and not converted.config.scale_decoder_outputs
     assert torch.equal(converted.lm_head.weight, state["lm_head.weight"])
     with torch.no_grad():

@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import T5Config
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers import GenerationConfig, T5Config
+from transformers.utils import (
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from ._compat import read_weights_file
 from .config import MoEConfig
@@ -121,6 +127,8 @@ def load_seed_checkpoint(path: str | Path) -> MixT5ForConditionalGeneration:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing_keys)} weights, e.g. {missing_keys[:3]}.")
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
+    if (path / GENERATION_CONFIG_NAME).is_file():  # the fork's generation defaults, as from_pretrained keeps them
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
 
 
