@@ -495,3 +495,23 @@ def test_fsdp2_keeps_an_untied_lm_head(tmp_path):
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["separate"] and result["head_vs_shared"] > 0.1 and result["head_moved"] > 0
     assert result["fsdp_vs_ddp"] < 1e-5, result
+
+
+def test_trainer_push_keeps_the_mixt5_card(tmp_path):
+    """`Trainer.push_to_hub` writes its card first (`create_model_card`): a MixT5 model keeps its own and results."""
+    from huggingface_hub import ModelCard
+    from transformers import Seq2SeqTrainingArguments
+
+    from mixt5.model_card import add_training_results
+    from mixt5.trainer import MixT5Trainer
+
+    write_published_checkpoint(tmp_path / "dense", "t5-v1_1-base", "safetensors")
+    model = upcycle(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense"), MOE, base_model="google/t5-v1_1-base")
+    out = tmp_path / "run"
+    model.save_pretrained(out)
+    add_training_results(out, {"eval": {"eval_f1": 12.5}})
+    args = Seq2SeqTrainingArguments(output_dir=str(out), use_cpu=True, report_to=[])
+    MixT5Trainer(model=model, args=args).create_model_card(model_name="run")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "google/t5-v1_1-base" and "moe" in card.data.tags
+    assert "| eval | `eval_f1` | 12.5000 |" in card.text and "Sparse blocks" in card.text

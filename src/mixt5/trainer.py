@@ -15,6 +15,7 @@ from transformers.trainer_utils import has_length
 from ._compat import TrainerHooksMixin, batches_per_item_count, token_cross_entropy
 from .data.squad import SquadExamples, TruncationStats
 from .metrics import squad_metrics
+from .model_card import write_model_card
 from .modeling import MixT5PreTrainedModel, RouterOutput, expert_counts_by_layer
 
 
@@ -108,6 +109,15 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
     @property
     def _is_moe(self) -> bool:
         return isinstance(self.accelerator.unwrap_model(self.model), MixT5PreTrainedModel)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """For a MixT5 model, the card `save_pretrained` writes (training results kept), not transformers' generic one,
+        which `push_to_hub` would otherwise write over it."""
+        if not self._is_moe:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            write_model_card(self.accelerator.unwrap_model(self.model), self.args.output_dir)
+        return None
 
     def compute_loss(
         self,
