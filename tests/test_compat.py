@@ -253,3 +253,25 @@ def test_weights_files_and_cached_files_are_read_as_from_pretrained_reads_them(t
         assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
     assert local_or_cached_file(str(tmp_path), "model.safetensors") == str(tmp_path / "model.safetensors")
     assert local_or_cached_file(str(tmp_path), "spiece.model") is None
+
+
+def test_push_to_hub_uploads_the_folder_after_writing_the_repos_card_into_it(tmp_path, monkeypatch):
+    """`push_to_hub` saves into a temporary folder, writes the Hub repo's (or a generic) card over its README.md, then
+    calls `_upload_modified_files` on it: `CardBeforeUploadMixin` puts the model's own card back just before."""
+    from huggingface_hub import ModelCard
+    from transformers.utils import hub
+
+    uploaded = {}
+
+    def fake_upload(self, working_dir, *args, **kwargs):
+        uploaded["card"] = ModelCard.load(Path(working_dir) / "README.md")
+        uploaded["files"] = sorted(p.name for p in Path(working_dir).iterdir())
+
+    repo = type("Repo", (), {"repo_id": "me/tiny-moe"})()
+    monkeypatch.setattr(hub, "hf_api", lambda: type("Api", (), {"create_repo": lambda self, *a, **k: repo})())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: ModelCard("---\nlibrary_name: x\n---\nhi"))
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", fake_upload)
+    model = upcycle(tiny_dense(), MoEConfig(num_experts=2, moe_layers="last:1"), base_model="google/t5-v1_1-small")
+    model.push_to_hub("me/tiny-moe")
+    assert "model.safetensors" in uploaded["files"]
+    assert uploaded["card"].data.base_model == "google/t5-v1_1-small" and "moe" in uploaded["card"].data.tags

@@ -107,6 +107,22 @@ class OutputTieMixin:
         return mapping
 
 
+class CardBeforeUploadMixin:
+    """For `PreTrainedModel`s whose `README.md` must survive `push_to_hub`.
+
+    transformers' `push_to_hub` saves the model into a temporary folder, writes over its `README.md` the Hub repo's
+    card (or a generic one), then uploads the folder with `_upload_modified_files` (private; `save_pretrained(...,
+    push_to_hub=True)` uploads with it too). We write the model's own card there just before: `write_card(folder)`.
+    """
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        self.write_card(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    def write_card(self, folder: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of one `*.safetensors` or legacy `pytorch_model*.bin` file, read as `from_pretrained` reads them
     (`modeling_utils.load_state_dict`: safetensors, or `torch.load(weights_only=True)` behind its torch check)."""

@@ -28,7 +28,13 @@ from transformers.models.t5.modeling_t5 import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .._compat import ExpertsImplementationMixin, OutputTieMixin, init_submodel_with, token_cross_entropy
+from .._compat import (
+    CardBeforeUploadMixin,
+    ExpertsImplementationMixin,
+    OutputTieMixin,
+    init_submodel_with,
+    token_cross_entropy,
+)
 from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
 from ..model_card import write_model_card
@@ -96,7 +102,7 @@ def _stack_token_mask_hook(stack: T5Stack, args: tuple, kwargs: dict[str, Any]) 
             block.layer[-1].token_mask = mask
 
 
-class MixT5PreTrainedModel(OutputTieMixin, ExpertsImplementationMixin, T5PreTrainedModel):
+class MixT5PreTrainedModel(CardBeforeUploadMixin, OutputTieMixin, ExpertsImplementationMixin, T5PreTrainedModel):
     """T5's pretrained-model base plus MixT5's config, init, tying (`lm_head` tied only when the config says so, see
     `tying`) and model card."""
 
@@ -111,6 +117,10 @@ class MixT5PreTrainedModel(OutputTieMixin, ExpertsImplementationMixin, T5PreTrai
         if is_main_process:
             write_model_card(self, save_directory)
         return result
+
+    def write_card(self, folder: Any) -> None:
+        """The card `push_to_hub` uploads (see `CardBeforeUploadMixin`)."""
+        write_model_card(self, folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
