@@ -11,8 +11,10 @@ Kernels, chosen with transformers' `experts_implementation` (`from_pretrained(..
   (`torch.nn.functional.grouped_mm`) on CUDA in bf16 where the kernel exists (SM80+), else the hand-written "mm"
   loop. `benchmarks/` measures both against each other and against transformers' kernels.
   The "grouped_mm" kernel keeps the sort, the per-expert offsets and every shape on the device (`dispatch_plan`
-  with `on_device=True`): on CUDA in bf16 the layer never synchronises with the host, forward or backward, and
-  can run inside a CUDA graph (`torch.compile(mode="reduce-overhead")`, transformers' static-cache decoding).
+  with `on_device=True`): in bf16 on SM90/SM100, where torch's grouped GEMM is one CUTLASS kernel (elsewhere on
+  CUDA it is a loop that reads the offsets on the host), the layer never synchronises with the host, forward or
+  backward, and can run inside a CUDA graph (`torch.compile(mode="reduce-overhead")`, transformers' static-cache
+  decoding).
   The "mm" loop reads the per-expert counts on the host (one synchronisation per layer) to plan its blocks.
 - "mixt5_mm" / "mixt5_grouped_mm": `sorted_dispatch` with that kernel forced (registered with transformers).
 - transformers' own "grouped_mm", "batched_mm", ...: transformers' kernels, unchanged.
