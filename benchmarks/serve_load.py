@@ -8,15 +8,13 @@ Starts one server per setting (`--max_batch_size 1`, i.e. no micro-batching, and
 Every answer is checked against the answer `QAPredictor` gives for that question alone; a non-200 response, a
 failed connection or a different answer counts as an error. Prints a table (medians over rounds of p50/p95
 latency and throughput, and the medians of their per-round ratios) and writes JSON. Without `--model_name_or_path`
-it builds the tests' tiny random MixT5 model (4 experts, top-2, every block) in a temporary folder.
+it builds the tests' tiny random MixT5 model (`mixt5.testing`; 4 experts, top-2, every block) in a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
 import logging
 import os
 import platform
@@ -30,15 +28,16 @@ from pathlib import Path
 
 import httpx
 import torch
+from transformers import AutoModelForSeq2SeqLM
+
+from mixt5 import MoEConfig, upcycle
+from mixt5.data.squad import load_squad_json
+from mixt5.modeling.tying import load_pretrained
+from mixt5.predict import QAPredictor
+from mixt5.testing import SAMPLE_SQUAD, save_tiny_qa_model
+from mixt5.utils import copy_tokenizer, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny.py: the tiny model and word tokenizer, built offline
-
-from mixt5.cli import main as mixt5_main  # noqa: E402
-from mixt5.data.squad import load_squad_json  # noqa: E402
-from mixt5.predict import QAPredictor  # noqa: E402
-from mixt5.utils import write_json_atomic  # noqa: E402
-from tiny import SAMPLE_SQUAD, save_tiny_qa_model  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,14 +60,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def tiny_moe_model(folder: Path) -> Path:
+    """The tests' tiny random QA model, upcycled as `mixt5 upcycle --num_experts 4 --top_k 2 --moe_layers all
+    --seed 0` does it, saved with its tokenizer."""
     dense = save_tiny_qa_model(folder / "dense")
-    flags = ["--num_experts", "4", "--top_k", "2", "--moe_layers", "all", "--seed", "0"]
-    with contextlib.redirect_stdout(io.StringIO()):  # its JSON summary
-        status = mixt5_main(
-            ["upcycle", "--model_name_or_path", str(dense), "--output_dir", str(folder / "moe"), *flags]
-        )
-    if status != 0:
-        raise RuntimeError("mixt5 upcycle failed")
+    model = upcycle(
+        load_pretrained(AutoModelForSeq2SeqLM, dense),
+        MoEConfig(num_experts=4, top_k=2, moe_layers="all", seed=0),
+        base_model=str(dense),
+    )
+    model.save_pretrained(folder / "moe")
+    copy_tokenizer(str(dense), folder / "moe")
     return folder / "moe"
 
 
@@ -214,7 +215,7 @@ def main() -> int:
         for key in ("throughput_rps", "p50_ms"):
             ratios = [r[key] / b[key] for r, b in zip(rounds[size], rounds[base], strict=True) if r[key] and b[key]]
             summary[size][f"{key}_vs_{base}"] = statistics.median(ratios) if ratios else float("nan")
-    label = args.model_name_or_path or "tiny random MixT5 (tests/tiny.py, 4 experts, top-2, every block)"
+    label = args.model_name_or_path or "tiny random MixT5 (mixt5.testing, 4 experts, top-2, every block)"
     print(f"\n{args.requests} requests x {args.rounds} rounds, {args.concurrency} concurrent clients, model: {label}")
     print(f"greedy, max_length {generation['max_length']}, routing returned; servers: --torch_threads "
           f"{args.torch_threads or 'default'}, --max_wait_ms {args.max_wait_ms}")  # fmt: skip
