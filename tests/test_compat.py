@@ -6,17 +6,27 @@ it), then move the pin in pyproject.toml.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForSeq2SeqLM, MT5Config, Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    HfArgumentParser,
+    MT5Config,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+)
 
 from mixt5 import MixT5Config, MixT5ForConditionalGeneration, MoEConfig, upcycle
 from mixt5._compat import (
     TrainerHooksMixin,
+    add_dataclass_arguments,
     config_forces_tied_output,
     experts_class,
     experts_implementation,
@@ -275,3 +285,27 @@ def test_push_to_hub_uploads_the_folder_after_writing_the_repos_card_into_it(tmp
     model.push_to_hub("me/tiny-moe")
     assert "model.safetensors" in uploaded["files"]
     assert uploaded["card"].data.base_model == "google/t5-v1_1-small" and "moe" in uploaded["card"].data.tags
+
+
+@dataclass
+class _Flags:
+    name: str = field(metadata={"help": "a required string", "aliases": ["--old_name"]})
+    kind: Literal["a", "b"] = "a"
+    verbose: bool = True
+
+
+@dataclass
+class _More:
+    count: int = 1
+
+
+def test_dataclass_fields_are_added_to_an_existing_parser_as_the_constructor_adds_them():
+    built = HfArgumentParser((_Flags, _More), prog="p")
+    grown = HfArgumentParser(prog="p")
+    for dataclass_type in (_Flags, _More):
+        add_dataclass_arguments(grown, dataclass_type)
+    assert grown.format_help() == built.format_help()  # names, aliases, --no_verbose, choices, help
+    argv = ["--old_name", "x", "--kind", "b", "--no_verbose", "--count", "3"]
+    assert grown.parse_args_into_dataclasses(args=argv) == (_Flags("x", "b", False), _More(3))
+    with pytest.raises(SystemExit):  # argparse's own check of a Literal's choices
+        grown.parse_args_into_dataclasses(args=["--name", "x", "--kind", "c"])

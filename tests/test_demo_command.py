@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mixt5.metrics import gold_answers_from_squad_json, squad_metrics
 def test_missing_checkpoint_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo_data, "DEMO_CHECKPOINT", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"nowhere.*make_demo_checkpoint"):
-        demo.main(["--output_dir", str(tmp_path / "out")])
+        demo.run(argparse.Namespace(output_dir=str(tmp_path / "out"), seed=0))
     assert not (tmp_path / "out").exists()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import modeling_utils
+from transformers import HfArgumentParser, modeling_utils
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.utils import cached_file
@@ -211,3 +211,18 @@ class TrainerHooksMixin:
 
     def eval_gather_function(self) -> Callable[..., Any] | None:
         return None
+
+
+# --- Command-line arguments (`transformers.hf_argparser`) ------------------------------------------------------------
+
+
+def add_dataclass_arguments(parser: HfArgumentParser, dataclass_type: type) -> None:
+    """Add a dataclass's fields as flags to an existing `HfArgumentParser` (a subparser of `mixt5`), as its
+    constructor does for the dataclasses it is given.
+
+    We rely on: the private `_add_dataclass_arguments(dtype)` adding every field as its constructor would (name,
+    `aliases`, `--no_<name>` for booleans defaulting to True, `Literal` choices, help), and
+    `parse_args_into_dataclasses` building one instance per entry of the public `dataclass_types` list.
+    """
+    parser._add_dataclass_arguments(dataclass_type)
+    parser.dataclass_types.append(dataclass_type)

@@ -128,11 +128,13 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mixt5 demo", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n")[0]
     parser.add_argument("--output_dir", default="mixt5-demo", help="where data, runs and results go")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(list(argv or []))
+
+
+def run(args: argparse.Namespace) -> int:
     checkpoint = demo_data.DEMO_CHECKPOINT
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"the demo checkpoint is missing at {checkpoint}; run scripts/make_demo_checkpoint.py")

@@ -1,18 +1,25 @@
-"""Answer questions about a context with any checkpoint, optionally showing which experts each token used."""
+"""Answer questions about a context with any checkpoint, optionally showing which experts each token used.
+
+`mixt5 predict --model_name_or_path CKPT (--question Q --context C | --input_file F.jsonl [--output_file O.jsonl])`
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from .commands import add_dataclass_arguments, dataclasses_from_namespace
 from .data.squad import PromptFormat, format_prompt
 from .loading import from_pretrained, load_tokenizer
 from .modeling import MixT5PreTrainedModel, layer_name
 from .modeling.router import RouterOutput
+from .utils import check_output_path
 
 
 @dataclass
@@ -153,3 +160,93 @@ def format_routing(routing: dict[str, list[dict[str, Any]]]) -> str:
             ]
             lines.append(f"{layer['layer']:>11}: " + " ".join(cells))
     return "\n".join(lines)
+
+
+# --- mixt5 predict ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictArguments:
+    model_name_or_path: str = field(metadata={"help": "Fine-tuned checkpoint (dense or MixT5)."})
+    question: str | None = field(default=None, metadata={"help": "One question (with --context)."})
+    context: str | None = field(default=None, metadata={"help": "The paragraph that holds the answer."})
+    input_file: str | None = field(
+        default=None, metadata={"help": "JSON Lines (.jsonl or .jsonl.gz) of {id, question, context}."}
+    )
+    output_file: str | None = field(default=None, metadata={"help": "JSON Lines of {id, answer[, routing]}."})
+    show_routing: bool = field(default=False, metadata={"help": "Also show the experts each token went to."})
+    batch_size: int = field(default=16, metadata={"help": "Questions per generate() call."})
+    prompt_format: Literal["t5", "seed"] = field(default="t5", metadata={"help": "t5 or seed, as in training."})
+    max_sequence_length: int = field(default=512, metadata={"help": "Input tokens kept."})
+    generation_max_length: int = field(default=30, metadata={"help": "Max answer tokens."})
+    generation_num_beams: int = field(default=1, metadata={"help": "Beams (1: greedy)."})
+
+    def __post_init__(self) -> None:
+        if self.output_file is not None:
+            check_output_path(self.output_file, "--output_file", is_dir=False)
+        for name in ("batch_size", "max_sequence_length", "generation_max_length", "generation_num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+
+def _read_questions(path: str) -> list[dict]:
+    from .utils import data_file_errors, open_text
+
+    rows = []
+    with data_file_errors(path), open_text(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in ("question", "context") if not isinstance(row.get(key), str)]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing or non-string {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, PredictArguments)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .utils import write_jsonl_atomic
+
+    (args,) = dataclasses_from_namespace(args, PredictArguments)
+    if args.input_file is None and (args.question is None or args.context is None):
+        raise ValueError("give --question and --context, or --input_file (with --output_file).")
+    rows = _read_questions(args.input_file) if args.input_file else None
+    predictor = QAPredictor(
+        args.model_name_or_path,
+        prompt_format=args.prompt_format,
+        max_source_length=args.max_sequence_length,
+        max_length=args.generation_max_length,
+        num_beams=args.generation_num_beams,
+    )
+    if rows is None:
+        (result,) = predictor.answer([args.question], [args.context], show_routing=args.show_routing)
+        print(result["answer"])
+        if "routing" in result:
+            print(format_routing(result["routing"]))
+        return 0
+    outputs = []
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start : start + args.batch_size]
+        answers = predictor.answer(
+            [r["question"] for r in chunk], [r["context"] for r in chunk], show_routing=args.show_routing
+        )
+        outputs += [
+            {"id": r.get("id", str(start + i)), **a} for i, (r, a) in enumerate(zip(chunk, answers, strict=True))
+        ]
+    if args.output_file:
+        write_jsonl_atomic(args.output_file, outputs)
+        print(f"wrote {len(outputs)} answers to {args.output_file}")
+    else:
+        for row in outputs:
+            print(json.dumps(row, ensure_ascii=False))
+    return 0

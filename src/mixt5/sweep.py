@@ -15,11 +15,9 @@ Spec values may name the bundled demo assets: `demo` (as a model path) is the sm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import importlib.resources
-import io
 import os
 import shlex
 import subprocess
@@ -262,20 +260,17 @@ def _check_run(run: PlannedRun) -> None:
     """Parse the run's arguments with `mixt5 train`'s (or `evaluate`'s) own parser: a bad flag fails here, not hours
     into the sweep."""
     from .arguments import moe_config_from_arguments
-    from .train import parse_evaluate_args, parse_train_args
+    from .commands import UsageError
+    from .evaluate import parse_evaluate_args
+    from .train import parse_train_args
 
     where = f"arm {run.arm!r} (seed {run.seed})"
-    messages = io.StringIO()
     try:
-        with contextlib.redirect_stderr(messages):  # argparse prints its usage and error, then exits
-            # The spec is checked, not this machine: `--use_cpu` keeps TrainingArguments' bf16 hardware check from
-            # refusing a GPU sweep planned on a CPU-only machine (`--dry_run` for a cluster).
-            parsed = (parse_train_args if run.command == "train" else parse_evaluate_args)([*run.argv, "--use_cpu"])
-    except SystemExit:
-        error = next((line for line in messages.getvalue().splitlines() if ": error: " in line), ": error: ?")
-        raise ValueError(
-            f"{where}: {error.split(': error: ', 1)[1]} (in `mixt5 {run.command} {shlex.join(run.argv)}`)"
-        ) from None
+        # The spec is checked, not this machine: `--use_cpu` keeps TrainingArguments' bf16 hardware check from
+        # refusing a GPU sweep planned on a CPU-only machine (`--dry_run` for a cluster).
+        parsed = (parse_train_args if run.command == "train" else parse_evaluate_args)([*run.argv, "--use_cpu"])
+    except UsageError as err:  # the parser's own message (unknown flag, bad choice, ...)
+        raise ValueError(f"{where}: {err} (in `mixt5 {run.command} {shlex.join(run.argv)}`)") from None
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
     # argparse also takes unambiguous prefixes (`--num_expert` for `--num_experts`); a spec names flags exactly
@@ -425,11 +420,8 @@ def execute(
 # --- CLI -------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mixt5 sweep",
-        description="Run (or print) every arm x seed of a sweep spec, then aggregate: results.md/.csv, report.md.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Run (or print) every arm x seed of a sweep spec, then aggregate: results.md/.csv, report.md."
     parser.add_argument("spec", nargs="?", help="a YAML spec file, or a built-in spec name (see --list)")
     parser.add_argument("--output_dir", help="where runs/, results.md, results.csv and report.md go")
     parser.add_argument("--dry_run", action="store_true", help="print the commands of the unfinished runs; run none")
@@ -438,11 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregate_only", action="store_true", help="run nothing; aggregate the finished runs")
     parser.add_argument("--no_report", action="store_true", help="write results.md/.csv but not report.md and plots")
     parser.add_argument("--list", action="store_true", help="list the built-in specs and exit")
-    return parser
 
 
-def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def run(args: argparse.Namespace) -> int:
     if args.list:
         for name, entry in sorted(builtin_specs().items()):
             spec = parse_spec(entry.read_text(encoding="utf-8"), name)

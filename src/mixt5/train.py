@@ -10,6 +10,8 @@ A run folder describes itself, so that `mixt5 report` only reads files: `run.jso
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import shutil
@@ -21,7 +23,6 @@ from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
-    HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
@@ -39,6 +40,7 @@ from .arguments import (
     moe_config_from_arguments,
     run_description,
 )
+from .commands import add_dataclass_arguments, command_parser, dataclasses_from_namespace
 from .config import MixT5Config, MoEConfig, non_default_fields
 from .data.sources import load_split
 from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
@@ -279,11 +281,23 @@ def run_evaluation(
     return metrics
 
 
+# --- mixt5 train -----------------------------------------------------------------------------------------------------
+
+TRAIN_ARGUMENTS = (ModelArguments, DataArguments, MoEArguments, MixT5TrainingArguments)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, *TRAIN_ARGUMENTS)
+
+
 def parse_train_args(argv: Sequence[str]) -> tuple[Any, ...]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MoEArguments, MixT5TrainingArguments), prog="mixt5 train")
-    return parser.parse_args_into_dataclasses(args=list(argv))
+    """`(model_args, data_args, moe_args, training_args)` of `mixt5 train ARGV`; a bad flag raises `UsageError`."""
+    return command_parser("mixt5 train", add_arguments).parse_args_into_dataclasses(args=list(argv))
 
 
-def parse_evaluate_args(argv: Sequence[str]) -> tuple[Any, ...]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MixT5TrainingArguments), prog="mixt5 evaluate")
-    return parser.parse_args_into_dataclasses(args=list(argv))
+def run(args: argparse.Namespace) -> int:
+    metrics = run_training(
+        *dataclasses_from_namespace(args, *TRAIN_ARGUMENTS), command=getattr(args, "command_line", None)
+    )
+    print(json.dumps(metrics.get("eval", metrics["train"]), indent=2))
+    return 0

@@ -22,7 +22,6 @@ how to write the file from its predictions (`mixt5 score ... --question_scores_f
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 from .aggregate import ArmResult, SweepSummary, summarize_sweep
 from .render import missing_markdown, notes_markdown, table_markdown, write_report, write_results
@@ -44,12 +43,12 @@ __all__ = [
 ]
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mixt5 report", description="report.md with tables and plots (PNG + JSON) for a run or sweep folder."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "report.md with tables and plots (PNG + JSON) for a run or sweep folder."
     parser.add_argument("path", help="a run folder (mixt5 train --output_dir) or a sweep folder (mixt5 sweep)")
-    args = parser.parse_args(list(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     report, summary = write_report(args.path)
     if summary is not None:
         print("\n\n".join(filter(None, [table_markdown(summary), notes_markdown(summary), missing_markdown(summary)])))

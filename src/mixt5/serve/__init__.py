@@ -7,21 +7,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
 
+from ..commands import add_dataclass_arguments, dataclasses_from_namespace
 from .app import create_app
 from .batcher import MicroBatcher, QueueFullError
 from .settings import ServeArguments
 
-__all__ = ["MicroBatcher", "QueueFullError", "ServeArguments", "create_app", "main"]
+__all__ = ["MicroBatcher", "QueueFullError", "ServeArguments", "add_arguments", "create_app", "run"]
 
 
-def main(argv: Sequence[str]) -> int:
-    """Parse the flags, load the model and serve it with uvicorn until interrupted."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, ServeArguments)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and serve it with uvicorn until interrupted."""
     import uvicorn
-    from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(ServeArguments, prog="mixt5 serve").parse_args_into_dataclasses(args=list(argv))
+    (args,) = dataclasses_from_namespace(args, ServeArguments)
     if args.torch_threads is not None:  # process-wide, so here and not in create_app
         import torch
 
