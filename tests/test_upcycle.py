@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding, BertConfig, BertModel
+from transformers import AutoModelForSeq2SeqLM, AutoModelForTextEncoding, GPT2Config, GPT2Model
 
 from mixt5 import MixT5Config, MixT5EncoderModel, MixT5ForConditionalGeneration, MoEConfig, upcycle
 from mixt5.modeling import MixT5LayerSparseFF
@@ -305,10 +305,10 @@ def test_upcycle_rejects_bad_layers_and_leaves_model_untouched(moe, match):
     assert not any(isinstance(m, MixT5LayerSparseFF) for m in dense.modules())
 
 
-def test_upcycle_rejects_non_t5_model_by_type():
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(TypeError, match=r"BertModel.*'bert'"):
-        upcycle(bert, MoEConfig())
+def test_upcycle_rejects_unsupported_model_by_type():
+    gpt2 = GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(TypeError, match=r"GPT2Model.*'gpt2'.*not supported.*t5 \(t5.*bert \(bert, roberta"):
+        upcycle(gpt2, MoEConfig())
     with pytest.raises(TypeError, match="already"):
         upcycle(upcycle(tiny_dense(), MoEConfig(moe_layers="last:1")), MoEConfig())
 

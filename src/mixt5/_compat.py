@@ -24,15 +24,16 @@ from transformers.utils import cached_file
 # --- Experts kernels (`transformers.integrations.moe`, transformers >= 5) --------------------------------------------
 
 
-def experts_class(*, has_gate: bool) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def experts_class(*, has_gate: bool, has_bias: bool = False) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: the experts' `forward` dispatches on `config._experts_implementation` (transformers'
     `use_experts_implementation`).
 
     We rely on: the decorated instance keeps `config` and gets `has_gate` (the weights are `gate_up_proj` when True,
-    `up_proj` when False: the keyword appeared in transformers 5 and its default is True), and its `forward` is the
-    kernel registered under the config's implementation, the class's own `forward` for "eager".
+    `up_proj` when False: the keyword appeared in transformers 5 and its default is True) and `has_bias` (transformers'
+    kernels then add `gate_up_proj_bias` / `up_proj_bias` and `down_proj_bias`), and its `forward` is the kernel
+    registered under the config's implementation, the class's own `forward` for "eager".
     """
-    return use_experts_implementation(has_gate=has_gate)
+    return use_experts_implementation(has_gate=has_gate, has_bias=has_bias)
 
 
 def register_experts_kernel(name: str, forward: Callable[..., torch.Tensor]) -> None:

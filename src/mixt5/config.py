@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
-from transformers import T5Config
+from transformers import BertConfig, ElectraConfig, RobertaConfig, T5Config, XLMRobertaConfig
 
 ExpertInit = Literal["copy", "noisytune", "drop_upcycling", "gaussian"]
 RouterType = Literal["topk", "noisy_topk", "expert_choice"]
@@ -268,7 +268,39 @@ def _float_fields() -> tuple[str, ...]:
     return tuple(name for name, hint in hints.items() if float in (hint, *get_args(hint)))
 
 
-class MixT5Config(T5Config):
+class MoESettingsMixin:
+    """What every MixT5 model config adds to its dense family's config: the `moe` block (a plain dict, the `moe`
+    block of `config.json`) read through a typed, cached `moe_config`. Put before the dense config class."""
+
+    @property
+    def moe_config(self) -> MoEConfig:
+        """The `moe` settings as a validated `MoEConfig`, built once (and again only if `moe` has changed since).
+
+        `moe` stays a plain dict (the `moe` block of `config.json`), so checkpoints load as they always have.
+        """
+        cached = self.__dict__.get(_MOE_CACHE)
+        if cached is None or cached[0] != self.moe:
+            cached = (copy.deepcopy(self.moe), MoEConfig.from_dict(self.moe))
+            self.__dict__[_MOE_CACHE] = cached  # not through __setattr__: the cache is no config field
+        return cached[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe_config.num_experts
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop(_MOE_CACHE, None)
+        return output
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MoESettingsMixin):
+            return super().__eq__(other)
+        fields = {k: v for k, v in self.__dict__.items() if k != _MOE_CACHE}
+        return fields == {k: v for k, v in other.__dict__.items() if k != _MOE_CACHE}
+
+
+class MixT5Config(MoESettingsMixin, T5Config):
     """A `T5Config` plus the MoE settings (`moe`), the sparse blocks per stack and where the model came from.
 
     Unlike `T5Config`, which always says `tie_word_embeddings=True` (the published t5-v1.1, flan-t5 and mt5 configs'
@@ -318,29 +350,61 @@ class MixT5Config(T5Config):
                 )
         self.upcycled_from = upcycled_from or {}
 
-    @property
-    def moe_config(self) -> MoEConfig:
-        """The `moe` settings as a validated `MoEConfig`, built once (and again only if `moe` has changed since).
 
-        `moe` stays a plain dict (the `moe` block of `config.json`), so checkpoints load as they always have.
-        """
-        cached = self.__dict__.get(_MOE_CACHE)
-        if cached is None or cached[0] != self.moe:
-            cached = (copy.deepcopy(self.moe), MoEConfig.from_dict(self.moe))
-            self.__dict__[_MOE_CACHE] = cached  # not through __setattr__: the cache is no config field
-        return cached[1]
+class MixEncoderConfigMixin(MoESettingsMixin):
+    """The MoE settings of a one-stack encoder family (BERT, RoBERTa, XLM-R): `moe`, the sparse layers of its one
+    stack, `moe_layer_indices={"encoder": [...]}`, and `upcycled_from`. Put before the dense config class."""
 
-    @property
-    def num_experts(self) -> int:
-        return self.moe_config.num_experts
+    def __init__(
+        self,
+        moe: dict[str, Any] | MoEConfig | None = None,
+        moe_layer_indices: dict[str, list[int]] | None = None,
+        upcycled_from: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        moe_config = moe if isinstance(moe, MoEConfig) else MoEConfig.from_dict(moe or {})
+        self.moe = moe_config.to_dict()
+        super().__init__(**kwargs)
+        num_blocks = self.num_hidden_layers
+        if moe_layer_indices is None:
+            moe_layer_indices = moe_config.resolve_layers({"encoder": num_blocks})
+        unknown = set(moe_layer_indices) - {"encoder"}
+        if any(moe_layer_indices[stack] for stack in unknown):
+            raise ValueError(f"moe_layer_indices names stack(s) {sorted(unknown)}; a {self.model_type} has 'encoder'.")
+        self.moe_layer_indices = {"encoder": list(moe_layer_indices.get("encoder", []))}
+        bad = [i for i in self.moe_layer_indices["encoder"] if isinstance(i, bool) or not 0 <= i < num_blocks]
+        if bad:
+            raise ValueError(f"moe_layer_indices names encoder layer(s) {bad}, but it has layers 0..{num_blocks - 1}.")
+        self.upcycled_from = upcycled_from or {}
 
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output.pop(_MOE_CACHE, None)
-        return output
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, MixT5Config):
-            return super().__eq__(other)
-        fields = {k: v for k, v in self.__dict__.items() if k != _MOE_CACHE}
-        return fields == {k: v for k, v in other.__dict__.items() if k != _MOE_CACHE}
+# One model_type per dense base type, "mix" + its model_type: the saved config must rebuild the right dense
+# architecture (RoBERTa's position ids differ from BERT's), and `AutoConfig` maps a model_type to one config class.
+# Each class names its `__init__`: transformers makes every config subclass a dataclass, whose generated `__init__`
+# would replace an inherited one.
+class MixBertConfig(MixEncoderConfigMixin, BertConfig):
+    """A `BertConfig` plus the MoE settings (`model_type="mixbert"`)."""
+
+    model_type = "mixbert"
+    __init__ = MixEncoderConfigMixin.__init__
+
+
+class MixRobertaConfig(MixEncoderConfigMixin, RobertaConfig):
+    """A `RobertaConfig` plus the MoE settings (`model_type="mixroberta"`)."""
+
+    model_type = "mixroberta"
+    __init__ = MixEncoderConfigMixin.__init__
+
+
+class MixXLMRobertaConfig(MixEncoderConfigMixin, XLMRobertaConfig):
+    """An `XLMRobertaConfig` plus the MoE settings (`model_type="mixxlm-roberta"`)."""
+
+    model_type = "mixxlm-roberta"
+    __init__ = MixEncoderConfigMixin.__init__
+
+
+class MixElectraConfig(MixEncoderConfigMixin, ElectraConfig):
+    """An `ElectraConfig` plus the MoE settings (`model_type="mixelectra"`)."""
+
+    model_type = "mixelectra"
+    __init__ = MixEncoderConfigMixin.__init__

@@ -39,6 +39,16 @@ def _blocks(indices: list[int], total: int) -> str:
     return f"{', '.join(map(str, indices))} (of {total})" if indices else f"none (of {total})"
 
 
+# MixT5 class name suffix -> (pipeline tag, Auto class); the first that matches wins
+_TASKS = (
+    ("ForConditionalGeneration", "text2text-generation", "AutoModelForSeq2SeqLM"),
+    ("EncoderModel", "feature-extraction", "AutoModelForTextEncoding"),
+    ("ForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
+    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+    ("Model", "feature-extraction", "AutoModel"),
+)
+
+
 def model_card(config: MixT5Config, architecture: str) -> ModelCard:
     """The card of a MixT5 model with `config`, an instance of `architecture` (a MixT5 class name)."""
     provenance = config.upcycled_from or {}
@@ -46,26 +56,28 @@ def model_card(config: MixT5Config, architecture: str) -> ModelCard:
     base = provenance.get("base_model")
     base_id = _hub_id(base)
     family = provenance.get("base_model_type") or "t5"
-    is_encoder = "Encoder" in architecture
+    is_t5 = config.model_type == "mixt5"
+    is_encoder = not architecture.endswith("ForConditionalGeneration")
+    pipeline_tag, auto_class = next((tag, auto) for suffix, tag, auto in _TASKS if architecture.endswith(suffix))
     data = ModelCardData(
         base_model=base_id,
         library_name="transformers",
         tags=["moe", "mixture-of-experts", "sparse-upcycling", "mixt5", family],
-        pipeline_tag="feature-extraction" if is_encoder else "text2text-generation",
+        pipeline_tag=pipeline_tag,
     )
     method = provenance.get("method", moe.expert_init)
     init_parameters = {name: getattr(moe, name) for name in _INIT_PARAMETERS.get(moe.expert_init, ())}
     init_text = ", ".join(f"{k}={v}" for k, v in init_parameters.items()) or "exact copies of the dense block"
     settings = "\n".join(f"| `{name}` | `{value}` |" for name, value in moe.to_dict().items())
     sparse = config.moe_layer_indices
-    stacks = [f"- encoder blocks: {_blocks(sparse.get('encoder', []), config.num_layers)}"]
+    num_layers = config.num_layers if is_t5 else config.num_hidden_layers
+    stacks = [f"- encoder blocks: {_blocks(sparse.get('encoder', []), num_layers)}"]
     if not is_encoder:
         stacks.append(f"- decoder blocks: {_blocks(sparse.get('decoder', []), config.num_decoder_layers)}")
     head = "tied to the input embedding (`shared`)" if config.tie_word_embeddings else "a separate `lm_head`"
     base_text = f"[`{base}`](https://huggingface.co/{base_id})" if base_id else f"`{base or 'a dense T5 model'}`"
     command = provenance.get("command")
     made = f"```bash\n{command}\n```" if command else "With `mixt5.upcycle()` in Python (no command line recorded)."
-    auto_class = "AutoModelForTextEncoding" if is_encoder else "AutoModelForSeq2SeqLM"
     body = f"""
 # Sparse Mixture-of-Experts {family} upcycled from {base or "a dense model"}
 
@@ -75,7 +87,7 @@ below became a router plus {moe.num_experts} experts initialised from its weight
 dense model's.
 
 ```python
-import mixt5  # registers model_type "mixt5" with transformers' Auto classes
+import mixt5  # registers model_type "{config.model_type}" with transformers' Auto classes
 from transformers import {auto_class}
 
 model = {auto_class}.from_pretrained("PATH_OR_REPO_ID")
@@ -91,11 +103,7 @@ model = {auto_class}.from_pretrained("PATH_OR_REPO_ID")
 - seed: `{provenance.get("seed", moe.seed)}`
 - router: `{moe.router_type}`, top-{moe.top_k} of {moe.num_experts}, init `{moe.router_init}`
 
-## Output layer
-
-- {"no output layer (encoder only)" if is_encoder else head}
-- decoder output scaled by `d_model**-0.5` before it: `{config.scale_decoder_outputs}` (as in the dense model)
-
+{_output_layer(config, is_encoder, head) if is_t5 else ""}
 ## MoE settings
 
 | setting | value |
@@ -107,6 +115,14 @@ model = {auto_class}.from_pretrained("PATH_OR_REPO_ID")
 {made}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _output_layer(config: MixT5Config, is_encoder: bool, head: str) -> str:
+    return f"""## Output layer
+
+- {"no output layer (encoder only)" if is_encoder else head}
+- decoder output scaled by `d_model**-0.5` before it: `{config.scale_decoder_outputs}` (as in the dense model)
+"""
 
 
 def write_model_card(model: Any, save_directory: str | os.PathLike) -> Path:

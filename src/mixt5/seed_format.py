@@ -25,9 +25,9 @@ from transformers.utils import (
 
 from ._compat import read_weights_file
 from .config import MoEConfig
+from .families.t5 import mixt5_config_from_dense
 from .modeling.modeling_mixt5 import MixT5ForConditionalGeneration
 from .modeling.tying import missing_lm_head_error
-from .upcycle import mixt5_config_from_dense
 from .utils import copy_tokenizer
 
 SEED_CONFIG_KEYS = ("activate_moe", "num_local_experts", "num_experts_per_tok", "num_moe_layers")

@@ -1,42 +1,35 @@
-"""Dense → MoE surgery ("sparse upcycling") and the ways to initialise the expert copies."""
+"""Dense → MoE surgery ("sparse upcycling") and the ways to initialise the expert copies, for every family.
+
+Where a family's FF blocks are, their dense weights and the classes that replace them live in `mixt5.families`;
+this module builds the experts from any family's `DenseFF` and swaps the model.
+"""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.models.mt5.modeling_mt5 import MT5EncoderModel, MT5ForConditionalGeneration
-from transformers.models.t5.modeling_t5 import T5EncoderModel, T5ForConditionalGeneration
 
-from .config import MixT5Config, MoEConfig
-from .modeling.modeling_mixt5 import MixT5EncoderModel, MixT5ForConditionalGeneration, MixT5PreTrainedModel
+from .config import MoEConfig
+from .families import FAMILIES, DenseFF, Family, family_of
+from .modeling.moe_model import MoEModelMixin
 from .modeling.router import init_router_weight_
-from .modeling.tying import has_separate_lm_head
-
-# Dense class -> MixT5 class (MT5's modules mirror T5's, parameter names included; flan-t5 is T5).
-SUPPORTED = {
-    T5ForConditionalGeneration: MixT5ForConditionalGeneration,
-    MT5ForConditionalGeneration: MixT5ForConditionalGeneration,
-    T5EncoderModel: MixT5EncoderModel,
-    MT5EncoderModel: MixT5EncoderModel,
-}
-_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map")
 
 
-def _target_class(model: nn.Module) -> type[MixT5PreTrainedModel]:
-    if isinstance(model, MixT5PreTrainedModel):
-        raise TypeError(f"{type(model).__name__} is already a MixT5 (sparse) model; upcycle a dense T5 model.")
-    for dense_class, moe_class in SUPPORTED.items():
-        if isinstance(model, dense_class):
-            return moe_class
+def _target(model: nn.Module) -> tuple[Family, type]:
+    if isinstance(model, MoEModelMixin):
+        raise TypeError(f"{type(model).__name__} is already a MixT5 (sparse) model; upcycle a dense model.")
+    found = family_of(model)
+    if found is not None:
+        return found
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
-    supported = ", ".join(cls.__name__ for cls in SUPPORTED)
+    supported = "; ".join(f"{family.name} ({family.model_types})" for family in FAMILIES)
+    classes = ", ".join(cls.__name__ for family in FAMILIES for cls in family.classes)
     raise TypeError(
-        f"upcycle() got {type(model).__name__} (model_type {model_type!r}), which is not supported. Currently only "
-        f"T5-family models are: {supported} (t5, t5-v1.1, flan-t5, mt5)."
+        f"upcycle() got {type(model).__name__} (model_type {model_type!r}), which is not supported. Currently "
+        f"only these families are: {supported}; classes: {classes}."
     )
 
 
@@ -55,57 +48,81 @@ def _diversify(matrix: torch.Tensor, moe: MoEConfig, generator: torch.Generator)
     return matrix
 
 
-def _drop_upcycle(
-    in_mats: list[torch.Tensor], out_mat: torch.Tensor, ratio: float, generator: torch.Generator
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _drop_upcycle(dense: DenseFF, ratio: float, generator: torch.Generator) -> DenseFF:
     """Drop-Upcycling (Nakamura et al., ICLR 2025) for one expert: re-initialise round(ratio * d_ff) hidden units.
 
-    The chosen units' rows of each input projection (`wi_0`/`wi_1`/`wi`: (d_ff, d_model)) and columns of the output
-    projection (`wo`: (d_model, d_ff)) are drawn from N(mean, std) of the original matrix.
+    The chosen units' rows of each input projection ((d_ff, d_model)) and columns of the output projection
+    ((d_model, d_ff)) are drawn from N(mean, std) of the original matrix; so are the units' entries of each input
+    bias (from that bias vector's statistics). The output bias belongs to no hidden unit: it stays as it is.
     """
-    d_ff = out_mat.shape[1]
+    d_ff = dense.output.shape[1]
     units = torch.randperm(d_ff, generator=generator)[: round(ratio * d_ff)]
+
+    def redraw(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * tensor.std() + tensor.mean()
+
     new_in = []
-    for mat in in_mats:
+    for mat in dense.inputs:
         mat = mat.clone()
-        mat[units] = torch.randn(len(units), mat.shape[1], generator=generator) * mat.std() + mat.mean()
+        mat[units] = redraw(mat, (len(units), mat.shape[1]))
         new_in.append(mat)
-    out_mat = out_mat.clone()
-    out_mat[:, units] = torch.randn(out_mat.shape[0], len(units), generator=generator) * out_mat.std() + out_mat.mean()
-    return new_in, out_mat
+    out_mat = dense.output.clone()
+    out_mat[:, units] = redraw(out_mat, (out_mat.shape[0], len(units)))
+    new_biases = None
+    if dense.input_biases is not None:
+        new_biases = []
+        for bias in dense.input_biases:
+            bias = bias.clone()
+            bias[units] = redraw(bias, (len(units),))
+            new_biases.append(bias)
+    return DenseFF(new_in, out_mat, new_biases, dense.output_bias)
 
 
-def build_experts(dense_ff: nn.Module, moe: MoEConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """3-D expert weights from one dense `T5DenseGatedActDense` / `T5DenseActDense`, per `moe.expert_init`.
+def _expert_init(dense: DenseFF, moe: MoEConfig, generator: torch.Generator) -> DenseFF:
+    """One expert's weights from the dense FFN (fp32 on CPU), per `moe.expert_init`; biases get the same rule
+    as the matrices (NoisyTune with each bias's own std, Gaussian's absolute noise)."""
+    if moe.expert_init == "drop_upcycling":
+        return _drop_upcycle(dense, moe.drop_ratio, generator)
+    # matrices first, in the order T5's experts were always drawn, then the biases
+    inputs = [_diversify(w, moe, generator) for w in dense.inputs]
+    output = _diversify(dense.output, moe, generator)
+    if not dense.has_bias:
+        return DenseFF(inputs, output)
+    biases = [_diversify(b, moe, generator) for b in dense.input_biases]
+    return DenseFF(inputs, output, biases, _diversify(dense.output_bias, moe, generator))
+
+
+def build_experts(dense: DenseFF, moe: MoEConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """3-D expert weights from one dense FFN, per `moe.expert_init`.
 
     Returns `gate_up_proj` (E, 2*d_ff, d_model) or `up_proj` (E, d_ff, d_model), and `down_proj` (E, d_model, d_ff),
+    plus `gate_up_proj_bias` / `up_proj_bias` (E, rows) and `down_proj_bias` (E, d_model) when the FFN has biases;
     in the dense weights' dtypes and device.
     """
-    gated = hasattr(dense_ff, "wi_0")
-    in_weights = [dense_ff.wi_0.weight, dense_ff.wi_1.weight] if gated else [dense_ff.wi.weight]
-    out_weight = dense_ff.wo.weight
-    in_key = "gate_up_proj" if gated else "up_proj"
+    in_key = "gate_up_proj" if dense.gated else "up_proj"
     if moe.expert_init == "copy":
-        fused = torch.cat(in_weights, dim=0) if gated else in_weights[0]
-        return {
-            in_key: fused.detach().unsqueeze(0).repeat(moe.num_experts, 1, 1),
-            "down_proj": out_weight.detach().unsqueeze(0).repeat(moe.num_experts, 1, 1),
-        }
-    in_fp32 = [w.detach().float().cpu() for w in in_weights]
-    out_fp32 = out_weight.detach().float().cpu()
-    experts_in, experts_out = [], []
-    for _ in range(moe.num_experts):
-        if moe.expert_init == "drop_upcycling":
-            mats, out = _drop_upcycle(in_fp32, out_fp32, moe.drop_ratio, generator)
-        else:
-            mats = [_diversify(w, moe, generator) for w in in_fp32]
-            out = _diversify(out_fp32, moe, generator)
-        experts_in.append(torch.cat(mats, dim=0))
-        experts_out.append(out)
-    return {
-        in_key: torch.stack(experts_in).to(in_weights[0].device, in_weights[0].dtype),
-        "down_proj": torch.stack(experts_out).to(out_weight.device, out_weight.dtype),
+        experts = [dense] * moe.num_experts
+    else:
+        fp32 = DenseFF(*[None if t is None else _fp32_cpu(t) for t in dense])
+        experts = [_expert_init(fp32, moe, generator) for _ in range(moe.num_experts)]
+
+    def stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t.detach() for t in tensors]).to(like.device, like.dtype)
+
+    result = {
+        in_key: stack([torch.cat(e.inputs, dim=0) for e in experts], dense.inputs[0]),
+        "down_proj": stack([e.output for e in experts], dense.output),
     }
+    if dense.has_bias:
+        result[f"{in_key}_bias"] = stack([torch.cat(e.input_biases) for e in experts], dense.input_biases[0])
+        result["down_proj_bias"] = stack([e.output_bias for e in experts], dense.output_bias)
+    return result
+
+
+def _fp32_cpu(tensor: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    if isinstance(tensor, list):
+        return [t.detach().float().cpu() for t in tensor]
+    return tensor.detach().float().cpu()
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:
@@ -117,24 +134,23 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     return psutil.virtual_memory().available, "psutil.virtual_memory().available"
 
 
-def check_memory(stacks: dict[str, nn.Module], layer_indices: dict[str, list[int]], moe: MoEConfig) -> None:
+def check_memory(dense_ffs: list[DenseFF], moe: MoEConfig) -> None:
     """Refuse an upcycle whose new tensors would not fit in memory, before allocating any of them.
 
-    Counted per device: `num_experts` copies of each MoE layer's feed-forward weights plus its router, and for the
-    diversifying inits the fp32 working copies of the largest layer (built on the CPU, stacked, then cast).
+    Counted per device: `num_experts` copies of each MoE layer's feed-forward weights (biases included) plus its
+    router, and for the diversifying inits the fp32 working copies of the largest layer (built on the CPU, stacked,
+    then cast).
     """
     need: dict[torch.device, int] = {}
     layers, per_expert_max, fp32_work = 0, 0, 0
-    for stack_name, indices in layer_indices.items():
-        for block in indices:
-            ff = stacks[stack_name].block[block].layer[-1].DenseReluDense
-            weights = [getattr(ff, name).weight for name in ("wi_0", "wi_1", "wi", "wo") if hasattr(ff, name)]
-            per_expert = sum(w.numel() * w.element_size() for w in weights) + ff.wo.weight.shape[0] * 4  # + router row
-            device = ff.wo.weight.device
-            need[device] = need.get(device, 0) + moe.num_experts * per_expert
-            if moe.expert_init != "copy":
-                fp32_work = max(fp32_work, 2 * moe.num_experts * sum(w.numel() for w in weights) * 4)
-            layers, per_expert_max = layers + 1, max(per_expert_max, per_expert)
+    for dense in dense_ffs:
+        weights = dense.tensors()
+        per_expert = sum(w.numel() * w.element_size() for w in weights) + dense.output.shape[0] * 4  # + router row
+        device = dense.output.device
+        need[device] = need.get(device, 0) + moe.num_experts * per_expert
+        if moe.expert_init != "copy":
+            fp32_work = max(fp32_work, 2 * moe.num_experts * sum(w.numel() for w in weights) * 4)
+        layers, per_expert_max = layers + 1, max(per_expert_max, per_expert)
     cpu = torch.device("cpu")
     need[cpu] = need.get(cpu, 0) + fp32_work
     for device, needed in need.items():
@@ -146,33 +162,6 @@ def check_memory(stacks: dict[str, nn.Module], layer_indices: dict[str, list[int
                 f"({moe.num_experts} experts x {layers} MoE layers x up to {per_expert_max / 2**20:.2f} MiB each{work})"
                 f" but {available / 2**30:.1f} GiB is available ({source}); use fewer experts or MoE layers."
             )
-
-
-def mixt5_config_from_dense(
-    dense_config: Any,
-    moe: MoEConfig,
-    layer_indices: dict[str, list[int]],
-    provenance: dict[str, Any],
-    *,
-    tie_word_embeddings: bool,
-) -> MixT5Config:
-    """A `MixT5Config` carrying every field of a dense T5/MT5 config plus the MoE settings.
-
-    `tie_word_embeddings` says whether the dense weights' `lm_head` is `shared` (the dense config cannot: transformers
-    forces it to True); the decoder-output rescale is the dense model's own (MT5 never rescales).
-    """
-    values = {k: v for k, v in dense_config.to_dict().items() if k not in _CONFIG_KEYS_NOT_COPIED}
-    values["tie_word_embeddings"] = tie_word_embeddings
-    values["scale_decoder_outputs"] = bool(getattr(dense_config, "scale_decoder_outputs", False))
-    return MixT5Config(moe=moe, moe_layer_indices=layer_indices, upcycled_from=provenance, **values)
-
-
-def _dense_ties_lm_head(model: PreTrainedModel) -> bool:
-    """Whether the dense model's output layer is its input embedding. An encoder has none: it follows the family
-    (T5Config's decoder-output rescale is on exactly for tied configs; MT5Config has none, and mt5 is untied)."""
-    if model.get_output_embeddings() is not None:
-        return not has_separate_lm_head(model)
-    return bool(getattr(model.config, "scale_decoder_outputs", False))
 
 
 def provenance_for(model: PreTrainedModel, moe: MoEConfig, base_model: str | None = None) -> dict[str, Any]:
@@ -194,14 +183,15 @@ def provenance_for(model: PreTrainedModel, moe: MoEConfig, base_model: str | Non
 
 
 def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base_model: str | None = None) -> Any:
-    """Turn a dense T5-family model into a sparse MixT5 model (peft-style: one call on a stock model).
+    """Turn a dense model of a supported family (`mixt5.families`: T5, BERT) into a sparse MixT5 model (peft-style:
+    one call on a stock model).
 
     Each configured block's FF sub-layer becomes a router plus `num_experts` experts made from its weights. All
     other weights are shared with `model`, not copied (as peft wraps the model it is given): keep using the
     returned model, or `copy.deepcopy(model)` first if the dense one must stay independent.
 
     Raises:
-        TypeError: `model` is not a T5-family model.
+        TypeError: `model` is of no supported family.
         ValueError: `moe_config` names blocks the model does not have, or expert-choice routing in a decoder.
         MemoryError: the experts would not fit in the memory available (see `check_memory`).
     Bad input raises before anything is changed.
@@ -210,43 +200,41 @@ def upcycle(model: PreTrainedModel, moe_config: MoEConfig | None = None, *, base
     if not isinstance(moe, MoEConfig):
         raise TypeError(f"moe_config must be a MoEConfig, got {type(moe).__name__}.")
     moe.check_settings_used()
-    target_class = _target_class(model)
-    stacks = {"encoder": model.encoder}
-    if getattr(model, "decoder", None) is not None:
-        stacks["decoder"] = model.decoder
-    layer_indices = moe.resolve_layers({name: len(stack.block) for name, stack in stacks.items()})
-    check_memory(stacks, layer_indices, moe)
-    config = mixt5_config_from_dense(
-        model.config,
-        moe,
-        {**{"encoder": [], "decoder": []}, **layer_indices},
-        provenance_for(model, moe, base_model),
-        tie_word_embeddings=_dense_ties_lm_head(model),
-    )
+    family, target_class = _target(model)
+    stacks = family.stacks(model)
+    layer_indices = moe.resolve_layers({name: len(blocks) for name, blocks in stacks.items()})
+    dense_ffs = {
+        (name, i): family.dense_ff(stacks[name][i]) for name, indices in layer_indices.items() for i in indices
+    }
+    check_memory(list(dense_ffs.values()), moe)
+    config = family.moe_config(model, moe, layer_indices, provenance_for(model, moe, base_model))
 
     with torch.device("meta"):
         moe_model = target_class(config)
     moe_state = moe_model.state_dict()
     state = {name: tensor for name, tensor in model.state_dict().items() if name in moe_state}
-    for stack_name, indices in layer_indices.items():
-        for block in indices:
-            generator = _layer_generator(moe.seed, stack_name, block)
-            prefix = f"{stack_name}.block.{block}.layer.{len(stacks[stack_name].block[block].layer) - 1}"
-            dense_ff = stacks[stack_name].block[block].layer[-1].DenseReluDense
-            for name, tensor in build_experts(dense_ff, moe, generator).items():
-                state[f"{prefix}.experts.{name}"] = tensor
-            router_weight = moe_state[f"{prefix}.router.weight"]
-            device, dtype = dense_ff.wo.weight.device, dense_ff.wo.weight.dtype
-            router = init_router_weight_(torch.empty(router_weight.shape), moe, generator)  # fp32 on CPU: seeded
-            state[f"{prefix}.router.weight"] = router.to(device, dtype)
-            if f"{prefix}.router.noise_weight" in moe_state:
-                state[f"{prefix}.router.noise_weight"] = torch.zeros(router_weight.shape, device=device, dtype=dtype)
+    module_names = {id(module): name for name, module in moe_model.named_modules()}
+    for stack_name, block, layer in moe_model.sparse_layers():
+        prefix = module_names[id(layer)]
+        dense = dense_ffs[stack_name, block]
+        generator = _layer_generator(moe.seed, stack_name, block)
+        for name, tensor in build_experts(dense, moe, generator).items():
+            state[f"{prefix}.experts.{name}"] = tensor
+        router_weight = moe_state[f"{prefix}.router.weight"]
+        device, dtype = dense.output.device, dense.output.dtype
+        router = init_router_weight_(torch.empty(router_weight.shape), moe, generator)  # fp32 on CPU: seeded
+        state[f"{prefix}.router.weight"] = router.to(device, dtype)
+        if f"{prefix}.router.noise_weight" in moe_state:
+            state[f"{prefix}.router.noise_weight"] = torch.zeros(router_weight.shape, device=device, dtype=dtype)
     missing = sorted(set(moe_state) - set(state))
     if missing:
         raise RuntimeError(f"upcycle() has no weights for {missing[:5]} (dense model {type(model).__name__}).")
     moe_model.load_state_dict(state, assign=True, strict=True)
-    moe_model.tie_weights()  # embed_tokens (and a tied lm_head) become `shared` again; a separate lm_head stays
-    if getattr(model, "generation_config", None) is not None:
-        moe_model.generation_config = copy.deepcopy(model.generation_config)
+    dense_buffers = dict(model.named_buffers())
+    for name, buffer in list(moe_model.named_buffers()):
+        if buffer.is_meta:  # a non-persistent buffer (BERT's `position_ids`): not in any state dict, the dense model's
+            owner, _, attribute = name.rpartition(".")
+            moe_model.get_submodule(owner).register_buffer(attribute, dense_buffers[name], persistent=False)
+    family.finish(model, moe_model)
     moe_model.train(model.training)
     return moe_model

@@ -294,3 +294,41 @@ def test_zero_tokens_and_all_slots_unused_give_zeros():
     hidden = torch.randn(3, D_MODEL)
     out = sorted_dispatch(experts, hidden, torch.full((3, 2), 4), torch.zeros(3, 2))
     assert torch.equal(out, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("kernel", ["mm", "grouped_mm"])
+@pytest.mark.parametrize(("num_experts", "top_k", "skew", "unused", "idle"), CASES[1:3])
+def test_dispatch_with_biases_matches_a_per_token_reference(kernel, num_experts, top_k, skew, unused, idle):
+    """Biased experts (BERT's FFN): `down(act(up x + b_up)) + b_down` per slot; outputs and every gradient."""
+    from transformers import BertConfig
+
+    from mixt5.config import MixBertConfig
+    from mixt5.modeling.modeling_mixbert import MixBertExperts
+
+    config = MixBertConfig(
+        moe={"num_experts": num_experts, "moe_layers": "all"},
+        **BertConfig(hidden_size=D_MODEL, intermediate_size=D_FF, num_attention_heads=2, num_hidden_layers=1).to_dict(),
+    )
+    experts = MixBertExperts(config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    hidden = torch.randn(13, D_MODEL, generator=generator, requires_grad=True)
+    index, weights = _routing(13, num_experts, top_k, skew=skew, unused=unused, idle=idle)
+    weights.requires_grad_()
+    out = sorted_dispatch(experts, hidden, index, weights, kernel)
+    rows = []
+    for token in range(13):
+        acc = hidden.new_zeros(D_MODEL)
+        for slot in range(top_k):
+            e = int(index[token, slot])
+            if e < num_experts:
+                inner = experts.act_fn(experts.up_proj[e] @ hidden[token] + experts.up_proj_bias[e])
+                acc = acc + weights[token, slot] * (experts.down_proj[e] @ inner + experts.down_proj_bias[e])
+        rows.append(acc)
+    expected = torch.stack(rows)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    inputs = [hidden, weights, experts.up_proj, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias]
+    for got, want in zip(_grads(out, inputs), _grads(expected, inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

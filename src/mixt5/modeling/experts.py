@@ -313,6 +313,8 @@ class _ExpertsFeedForward(torch.autograd.Function):
         x: torch.Tensor,
         up_weight: torch.Tensor,
         down_weight: torch.Tensor,
+        up_bias: torch.Tensor | None,
+        down_bias: torch.Tensor | None,
         blocks: list[RowBlock],
         activation: ExpertActivation,
         save: bool,
@@ -329,8 +331,13 @@ class _ExpertsFeedForward(torch.autograd.Function):
                 if activation.gated:
                     torch.mm(x[start:end], up_weight[expert, :d_ff].t(), out=gate[local])
                     torch.mm(x[start:end], up_weight[expert, d_ff:].t(), out=up[local])
+                    if up_bias is not None:
+                        gate[local] += up_bias[expert, :d_ff]
+                        up[local] += up_bias[expert, d_ff:]
                 else:
                     torch.mm(x[start:end], up_weight[expert].t(), out=up[local])
+                    if up_bias is not None:
+                        up[local] += up_bias[expert]
             # out of place where `act` may hand back its input (e.g. "linear"): gate and up are saved for backward
             hidden = activation.forward(gate) * up if activation.gated else activation.forward(up)
             mask = None
@@ -341,10 +348,13 @@ class _ExpertsFeedForward(torch.autograd.Function):
             for expert, start, end in block.segments:
                 local = slice(start - block.start, end - block.start)
                 torch.mm(hidden[local], down_weight[expert].t(), out=out[start:end])
+                if down_bias is not None:
+                    out[start:end] += down_bias[expert]
             if save:
                 saved.append((gate, up, mask))
         if save:
             ctx.blocks, ctx.activation, ctx.per_block = blocks, activation, saved
+            ctx.has_bias = (up_bias is not None, down_bias is not None)
             ctx.save_for_backward(x, up_weight, down_weight)
         return out
 
@@ -352,11 +362,14 @@ class _ExpertsFeedForward(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, up_weight, down_weight = ctx.saved_tensors
         activation: ExpertActivation = ctx.activation
-        need_x, need_up, need_down = ctx.needs_input_grad[:3]
+        need_x, need_up, need_down, need_up_bias, need_down_bias = ctx.needs_input_grad[:5]
         d_ff = down_weight.shape[-1]
         grad_x = torch.empty_like(x) if need_x else None
         grad_up_weight = torch.empty_like(up_weight) if need_up else None
         grad_down_weight = torch.empty_like(down_weight) if need_down else None
+        # a bias gradient is each expert's column sum of its rows' output gradients; (E, n): small, zero-initialised
+        grad_up_bias = up_weight.new_zeros(up_weight.shape[:2]) if need_up_bias else None
+        grad_down_bias = down_weight.new_zeros(down_weight.shape[:2]) if need_down_bias else None
         grad_out = grad_out.to(down_weight.dtype)
         written: set[int] = set()  # experts whose weight gradients hold a first contribution
 
@@ -378,9 +391,11 @@ class _ExpertsFeedForward(torch.autograd.Function):
                 local = slice(start - block.start, end - block.start)
                 if need_down:
                     weight_grad(grad_out[start:end], hidden[local], grad_down_weight[expert], expert not in written)
-                if need_x or need_up:
+                if need_down_bias:
+                    grad_down_bias[expert] += grad_out[start:end].sum(dim=0)
+                if need_x or need_up or need_up_bias:
                     torch.mm(grad_out[start:end], down_weight[expert], out=grad_hidden[local])
-            if not (need_x or need_up):
+            if not (need_x or need_up or need_up_bias):
                 written.update(expert for expert, _, _ in block.segments)
                 continue
             grad_hidden = grad_hidden.to(x.dtype)
@@ -394,6 +409,8 @@ class _ExpertsFeedForward(torch.autograd.Function):
             for expert, start, end in block.segments:
                 local = slice(start - block.start, end - block.start)
                 for index, (grad, cols) in enumerate(grad_projections):
+                    if need_up_bias:
+                        grad_up_bias[expert, cols] += grad[local].sum(dim=0)
                     if need_up:
                         weight_grad(grad[local], x[start:end], grad_up_weight[expert, cols], expert not in written)
                     if need_x:
@@ -407,7 +424,7 @@ class _ExpertsFeedForward(torch.autograd.Function):
                 for grad in (grad_up_weight, grad_down_weight):
                     if grad is not None:
                         grad[expert].zero_()
-        return grad_x, grad_up_weight, grad_down_weight, None, None, None
+        return grad_x, grad_up_weight, grad_down_weight, grad_up_bias, grad_down_bias, None, None, None
 
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -444,7 +461,9 @@ def sorted_dispatch(
     """Run each expert on one contiguous slice of the (token, slot) pairs sorted by expert.
 
     Args:
-        experts: a MixT5 experts module (or any with transformers' concatenated, non-transposed, bias-free layout).
+        experts: a MixT5 experts module (or any with transformers' concatenated, non-transposed layout); with
+            `has_bias`, its `gate_up_proj_bias` / `up_proj_bias` (E, rows) and `down_proj_bias` (E, d_model) are
+            added after each expert's projections (transformers' names, as its kernels read them).
         hidden_states: (tokens, d_model).
         expert_index: (tokens, slots) expert ids; `num_experts` marks an unused slot (skipped).
         expert_weights: (tokens, slots) combine weights (differentiable: the router's gradient).
@@ -452,10 +471,14 @@ def sorted_dispatch(
     Returns:
         (tokens, d_model): the weighted sum of each token's experts, in `hidden_states.dtype`.
     """
-    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-        raise NotImplementedError(f"sorted_dispatch supports bias-free, non-transposed experts, not {experts}.")
+    if getattr(experts, "is_transposed", False):
+        raise NotImplementedError(f"sorted_dispatch supports non-transposed experts, not {experts}.")
     up_weight = experts.gate_up_proj if experts.has_gate else experts.up_proj
     down_weight = experts.down_proj
+    up_bias = down_bias = None
+    if getattr(experts, "has_bias", False):
+        up_bias = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+        down_bias = experts.down_proj_bias
     kernel = kernel or default_kernel(up_weight, down_weight)
     if expert_index.numel() == 0:
         return torch.zeros_like(hidden_states)
@@ -473,11 +496,19 @@ def sorted_dispatch(
         up_weight.to(compute_dtype),
         down_weight.to(down_dtype),
     )
+    if up_bias is not None:
+        up_bias, down_bias = up_bias.to(compute_dtype), down_bias.to(down_dtype)
     with torch.autocast(device_type, enabled=False):
         if kernel == "grouped_mm":
             # every pair's row, the unused ones past `offsets[-1]`: the kernel skips them and leaves their output
             # rows unwritten, which the combine (forward) and the gather's backward mask
             projected = _grouped_mm(pair_inputs, up_weight, plan.offsets)
+            if up_bias is not None:
+                # each pair's expert's bias, on the used pairs only: `where` (not a product) keeps the garbage the
+                # grouped GEMM's backward leaves in the unused rows out of the bias gradients
+                expert_of_pair = expert_index.reshape(-1)[plan.slot_of_pair].clamp(max=experts.num_experts - 1)
+                used_pair = ~plan.unused_slots[plan.slot_of_pair]  # (pairs, 1)
+                projected = torch.where(used_pair, projected + up_bias[expert_of_pair], projected)
             if activation.gated:
                 gate, up = projected.chunk(2, dim=-1)
                 hidden = activation.forward(gate) * up
@@ -486,11 +517,14 @@ def sorted_dispatch(
             if activation.dropout > 0:
                 hidden = nn.functional.dropout(hidden, activation.dropout)
             pair_out = _grouped_mm(hidden.to(down_dtype), down_weight, plan.offsets)  # (pairs, d_model)
+            if down_bias is not None:
+                pair_out = torch.where(used_pair, pair_out + down_bias[expert_of_pair], pair_out)
         else:
-            save = torch.is_grad_enabled() and any(t.requires_grad for t in (pair_inputs, up_weight, down_weight))
+            differentiable = (pair_inputs, up_weight, down_weight, up_bias, down_bias)
+            save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
             rows_per_block = max(1, BLOCK_BYTES // (down_weight.shape[-1] * pair_inputs.element_size()))
             blocks = row_blocks(plan.counts, rows_per_block)
-            pair_out = _ExpertsFeedForward.apply(pair_inputs, up_weight, down_weight, blocks, activation, save)
+            pair_out = _ExpertsFeedForward.apply(*differentiable, blocks, activation, save)
         weights = expert_weights.to(torch.promote_types(pair_out.dtype, torch.float32))
         combined = _CombinePairs.apply(pair_out, weights, plan)
     return combined.to(hidden_states.dtype)

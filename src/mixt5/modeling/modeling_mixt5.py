@@ -11,7 +11,6 @@ small additions ride on top:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +38,7 @@ from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
 from ..model_card import write_model_card
 from .experts import MixT5Experts, MixT5GatedExperts
+from .moe_model import MoEModelMixin
 from .router import MixT5Router, RouterOutput, expert_counts, init_router_weight_
 from .sparse_ff import MixT5LayerSparseFF
 from .tying import missing_lm_head_error
@@ -102,7 +102,9 @@ def _stack_token_mask_hook(stack: T5Stack, args: tuple, kwargs: dict[str, Any]) 
             block.layer[-1].token_mask = mask
 
 
-class MixT5PreTrainedModel(CardBeforeUploadMixin, OutputTieMixin, ExpertsImplementationMixin, T5PreTrainedModel):
+class MixT5PreTrainedModel(
+    MoEModelMixin, CardBeforeUploadMixin, OutputTieMixin, ExpertsImplementationMixin, T5PreTrainedModel
+):
     """T5's pretrained-model base plus MixT5's config, init, tying (`lm_head` tied only when the config says so, see
     `tying`) and model card."""
 
@@ -165,28 +167,6 @@ class MixT5PreTrainedModel(CardBeforeUploadMixin, OutputTieMixin, ExpertsImpleme
             for index, block in enumerate(stack.block):
                 if isinstance(block.layer[-1], MixT5LayerSparseFF):
                     yield stack_name, index, block.layer[-1]
-
-    @contextmanager
-    def collect_routing(self) -> Iterator[dict[str, list[RouterOutput]]]:
-        """Collect every MoE layer's `RouterOutput` during the enclosed calls, per stack, in call order.
-
-        Nests: an enclosing collection (e.g. around `generate()`, whose steps call `forward`) receives the records too.
-        """
-        records: dict[str, list[RouterOutput]] = {"encoder": [], "decoder": []}
-        layers = list(self.sparse_layers())
-        previous = [layer.routing_records for _, _, layer in layers]
-        for stack_name, _, layer in layers:
-            layer.routing_records = records[stack_name]
-        try:
-            yield records
-        finally:
-            outer: dict[str, list[RouterOutput]] = {}
-            for (stack_name, _, layer), old in zip(layers, previous, strict=True):
-                layer.routing_records = old
-                if old is not None:
-                    outer[stack_name] = old
-            for stack_name, old in outer.items():
-                old.extend(records[stack_name])
 
 
 class MixT5ForConditionalGeneration(MixT5PreTrainedModel, T5ForConditionalGeneration):
