@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .modeling import MixT5PreTrainedModel, MixT5Router, RouterOutput, expert_counts, layer_name
-from .modeling.sparse_ff import MixT5LayerSparseFF
+from .modeling import MixT5Router, MoEModelMixin, RouterOutput, expert_counts, layer_name
+from .modeling.sparse_ff import SparseFFMixin
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 _COLUMN_CHUNK = 1 << 20  # Gram matrices in float64, a column block at a time: bounded extra memory
@@ -79,7 +79,7 @@ class _LayerTotals:
 
 
 @torch.no_grad()
-def expert_cosine_similarity(layer: MixT5LayerSparseFF) -> torch.Tensor | None:
+def expert_cosine_similarity(layer: SparseFFMixin) -> torch.Tensor | None:
     """(E, E) float64 cosine similarity of the experts' weights (all their matrices flattened and concatenated).
 
     None when the expert weights are not materialised as (E, ...) tensors here (e.g. sharded by FSDP/ZeRO-3).
@@ -111,7 +111,7 @@ class RoutingDiagnosticsCallback(TrainerCallback):
 
     def __init__(self, file_name: str = DIAGNOSTICS_FILE) -> None:
         self.file_name = file_name
-        self._model: MixT5PreTrainedModel | None = None
+        self._model: MoEModelMixin | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._totals: dict[str, dict[str, _LayerTotals]] = {"train": {}, "eval": {}}
 
@@ -119,7 +119,7 @@ class RoutingDiagnosticsCallback(TrainerCallback):
 
     def attach(self, model: nn.Module | None) -> bool:
         """Hook the routers of `model` (once); False for a model without MoE layers."""
-        if not isinstance(model, MixT5PreTrainedModel):
+        if not isinstance(model, MoEModelMixin):
             return False
         if model is self._model:
             return True

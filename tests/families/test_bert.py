@@ -420,3 +420,23 @@ def test_minilm_real_weights_preserve_function():
     model = upcycle(dense, MoEConfig(num_experts=8, top_k=2, moe_layers="last:3")).eval()
     assert [block for _, block, _ in model.sparse_layers()] == [3, 4, 5]
     assert (_outputs(model, inputs) - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+def test_routing_diagnostics_attach_to_an_encoder_model(tmp_path):
+    """The shared diagnostics hook a MixBert model's routers and compare its experts (biases included)."""
+    from mixt5.diagnostics import RoutingDiagnosticsCallback, expert_cosine_similarity
+
+    dense = load_dense(tmp_path, "bert", "qa")
+    model = upcycle(dense, MoEConfig(num_experts=3, top_k=2, moe_layers="last:2", expert_init="noisytune")).eval()
+    callback = RoutingDiagnosticsCallback()
+    assert callback.attach(model)
+    with torch.no_grad():
+        model(**batch())
+    assert set(callback._totals["eval"]) == {"encoder.1", "encoder.2"}
+    callback.detach()
+    similarity = expert_cosine_similarity(next(layer for _, _, layer in model.sparse_layers()))
+    assert (
+        similarity.shape == (3, 3)
+        and (similarity < 1).any()
+        and torch.allclose(similarity.diagonal(), torch.ones(3, dtype=torch.float64))
+    )
