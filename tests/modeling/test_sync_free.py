@@ -179,7 +179,7 @@ HOST_READS = {"item", "tolist", "numpy", "__int__", "__bool__", "__float__"}
 
 
 def _recording_backend(host_reads: list[str]):
-    """ "aot_eager" that first notes every value the traced code reads back to the host.
+    """The "aot_eager" backend, noting first every value the traced code reads back to the host.
 
     With `fullgraph=True` dynamo captures an `int(tensor)` as an `item` node instead of breaking the graph: on
     CUDA each one is a synchronisation, so the graphs must have none.
