@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
 from mixt5.cli import main
 from mixt5.train import parse_train_args
+from mixt5.utils import umask_mode
 from tiny import SAMPLE_SQUAD, save_tiny_qa_model
 
 EVAL_SAMPLES = 8
@@ -173,48 +176,162 @@ def test_bad_data_fails_before_training(tiny_qa_model, tmp_path, capsys):
     assert "fancy" in capsys.readouterr().err
 
 
+# Runs `mixt5 train` and SIGKILLs it at a named point: KILL_AT_STEP alone kills after that optimizer step; with KILL_AT
+# it kills at that point of the checkpoint save (or the results write) of that step. The points are reached by wrapping
+# the functions that the save calls in order, so each kill lands at the same place every time (no timing).
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
+    import transformers.modeling_utils
     from transformers import TrainerCallback
+    import mixt5.trainer, mixt5.utils
     from mixt5.train import parse_train_args, run_training
+
+    step, point = int(os.environ["KILL_AT_STEP"]), os.environ.get("KILL_AT", "step_end")
+    current = {"step": 0}
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable kill
 
     class KillAfter(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(os.environ["KILL_AT_STEP"]):
-                os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable kill, mid-epoch
+            current["step"] = state.global_step
+            if point == "step_end" and state.global_step == step:
+                kill()
+
+    def kill_in(owner, name, when):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            target = os.path.basename(args[1]) if when == "results" else "metrics.json"
+            if point == when and current["step"] == step and target == "metrics.json":
+                if when == "model_file":  # half of model.safetensors on disk
+                    original(*args, **kwargs)
+                    path = args[1]
+                    os.truncate(path, os.path.getsize(path) // 2)
+                kill()
+            return original(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    kill_in(transformers.modeling_utils, "safe_save_file", "model_file")  # while writing the weights
+    kill_in(mixt5.trainer.MixT5Trainer, "_save_optimizer_and_scheduler", "optimizer")  # weights written, no optimizer
+    kill_in(mixt5.trainer, "replace_dir", "rename")  # every file written, not yet renamed into place
+    kill_in(mixt5.trainer, "rotate_checkpoints", "rotate")  # renamed into place, older ones not yet rotated
+    kill_in(mixt5.utils.os, "replace", "results")  # metrics.json's temporary file written, not renamed over it
 
     run_training(*parse_train_args(sys.argv[1:]), callbacks=[KillAfter()])
     """
 )
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(tiny_qa_model, tmp_path):
-    def argv(output_dir, *extra):
-        args = _train_argv(tiny_qa_model, output_dir, "--save_strategy", "steps", "--save_steps", "3",
-                           "--evaluation_strategy", "no", "--num_train_epochs", "3", "--enable_moe",
-                           "--num_experts", "4", "--moe_layers", "last:1",
-                           "--router_jitter_noise", "0.05", *extra)  # fmt: skip
-        return args[1:]
+def _resume_argv(model_dir, output_dir, *extra):
+    args = _train_argv(model_dir, output_dir, "--save_strategy", "steps", "--save_steps", "3",
+                       "--evaluation_strategy", "no", "--num_train_epochs", "3", "--enable_moe",
+                       "--num_experts", "4", "--moe_layers", "last:1",
+                       "--router_jitter_noise", "0.05", *extra)  # fmt: skip
+    return args[1:]  # 2 steps an epoch: checkpoint-3, checkpoint-6 (the last step)
 
-    env = {**os.environ, "KILL_AT_STEP": "5"}  # 2 steps an epoch: killed in epoch 3, after checkpoint-3
-    killed = subprocess.run([sys.executable, "-c", KILLER, *argv(tmp_path / "resumed")], env=env, capture_output=True)
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_qa_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", *_resume_argv(tiny_qa_model, out)]) == 0
+    return out
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_at, step",
+    [
+        ("step_end", 5),  # mid-epoch, after checkpoint-3
+        ("model_file", 6),  # half of checkpoint-6's model.safetensors written
+        ("optimizer", 6),  # checkpoint-6's weights written, its optimizer and trainer state not
+        ("rename", 6),  # checkpoint-6 complete in its staging folder, not yet renamed into place
+        ("rotate", 6),  # checkpoint-6 in place, older checkpoints not yet rotated
+        ("results", 6),  # metrics.json half-way through its atomic write
+    ],
+)
+def test_killed_run_resumes_to_the_same_metrics(tiny_qa_model, straight_run, tmp_path, kill_at, step):
+    resumed_dir = tmp_path / "resumed"
+    env = {**os.environ, "KILL_AT_STEP": str(step), "KILL_AT": kill_at}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, *_resume_argv(tiny_qa_model, resumed_dir)], env=env, capture_output=True
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
-    assert (tmp_path / "resumed" / "checkpoint-3").is_dir() and not (tmp_path / "resumed" / "metrics.json").exists()
-    assert main(["train", *argv(tmp_path / "resumed", "--resume_from_checkpoint", "last")]) == 0
-    assert main(["train", *argv(tmp_path / "straight")]) == 0
-    resumed = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
-    straight = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())["log_history"]
+    assert (resumed_dir / "checkpoint-3").is_dir() and not (resumed_dir / "metrics.json").exists()
+    leftovers = [p.name for p in resumed_dir.iterdir() if p.name.startswith(".")]
+    if kill_at in ("model_file", "optimizer", "rename"):  # checkpoint-6 is only in its staging folder
+        assert not (resumed_dir / "checkpoint-6").exists()
+        assert [name for name in leftovers if name.startswith(".checkpoint-6.")], leftovers
+    if kill_at == "results":
+        assert [name for name in leftovers if name.startswith(".metrics.json.")], leftovers
+
+    assert main(["train", *_resume_argv(tiny_qa_model, resumed_dir, "--resume_from_checkpoint", "last")]) == 0
+    assert not [p.name for p in resumed_dir.iterdir() if p.name.startswith(".")]  # the killed run's staging is gone
+    resumed = json.loads((resumed_dir / "trainer_state.json").read_text())["log_history"]
+    straight = json.loads((straight_run / "trainer_state.json").read_text())["log_history"]
     losses = lambda history: [(e["step"], e["loss"]) for e in history if "loss" in e]  # noqa: E731
     assert [s for s, _ in losses(resumed)][-1] == 6
-    assert losses(resumed)[-1][1] == pytest.approx(losses(straight)[-1][1], rel=1e-5)
     for (step, loss), (step_straight, loss_straight) in zip(losses(resumed)[-2:], losses(straight)[-2:], strict=True):
         assert step == step_straight and loss == pytest.approx(loss_straight, rel=1e-5)
-    # the final evaluation: same predictions, same scores (Trainer's `train_loss` averages only the resumed steps)
-    resumed_eval = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["eval"]
-    straight_eval = json.loads((tmp_path / "straight" / "metrics.json").read_text())["eval"]
+    # the final weights and evaluation: the same (Trainer's `train_loss` averages only the resumed steps)
+    for name, tensor in _weights(straight_run).items():
+        torch.testing.assert_close(_weights(resumed_dir)[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    resumed_eval = json.loads((resumed_dir / "metrics.json").read_text())["eval"]
+    straight_eval = json.loads((straight_run / "metrics.json").read_text())["eval"]
     for key in ("eval_exact_match", "eval_f1", "eval_loss"):
         assert resumed_eval[key] == pytest.approx(straight_eval[key], rel=1e-5)
-    predictions = [json.loads((tmp_path / run / "predictions.json").read_text()) for run in ("resumed", "straight")]
+    predictions = [json.loads((run / "predictions.json").read_text()) for run in (resumed_dir, straight_run)]
     assert predictions[0] == predictions[1]
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_trains_nothing(tiny_qa_model, straight_run, tmp_path, caplog):
+    import shutil
+
+    run = shutil.copytree(straight_run, tmp_path / "run")
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
+    with caplog.at_level("INFO", logger="mixt5"):
+        assert main(["train", *_resume_argv(tiny_qa_model, run, "--resume_from_checkpoint", "last")]) == 0
+    assert "is complete (step 6 of 6): nothing to train" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == before  # nothing written, no checkpoint-7
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in run.rglob("*") if path.is_file()}
+    assert set(modes.values()) == {umask_mode(0o666)}, modes  # safetensors writes 0600 itself
+    # asking for more steps than it trained resumes it
+    more = ["--resume_from_checkpoint", "last", "--max_steps", "7"]
+    assert main(["train", *_resume_argv(tiny_qa_model, run, *more)]) == 0
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 7
+
+
+def test_train_refuses_a_non_empty_output_dir(tiny_qa_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert main(["train", *_resume_argv(tiny_qa_model, out)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite_output_dir" in err and "--resume_from_checkpoint last" in err
+    # resuming a folder that holds no run is refused too
+    assert main(["train", *_resume_argv(tiny_qa_model, out, "--resume_from_checkpoint", "last")]) == 2
+    assert "no whole checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_last_checkpoint_skips_incomplete_ones(tmp_path, caplog):
+    from mixt5.train import last_whole_checkpoint
+
+    for step, state in [(3, '{"global_step": 3}'), (6, '{"global_step": 6}'), (9, '{"global_st'), (12, None)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-best").mkdir()
+    with caplog.at_level("WARNING", logger="mixt5"):
+        assert last_whole_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert "checkpoint-12 is incomplete" in caplog.text and "checkpoint-9 is incomplete" in caplog.text

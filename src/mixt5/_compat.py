@@ -19,6 +19,8 @@ from torch import nn
 from transformers import HfArgumentParser, modeling_utils
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.loss.loss_utils import LOSS_MAPPING
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import cached_file
 
 # --- Experts kernels (`transformers.integrations.moe`, transformers >= 5) --------------------------------------------
@@ -190,7 +192,54 @@ class TrainerHooksMixin:
     - `eval_sampler(dataset)`: the evaluation sampler (`_get_eval_sampler`, private).
     - `eval_gather_function()`: how `evaluation_loop` gathers across processes (the private `gather_function`, which
       `Seq2SeqTrainer.evaluate` / `predict` reset before each call to `evaluation_loop`); None keeps Trainer's.
+    - `checkpoint_staging_dir(run_dir, name)` and `publish_checkpoint(staging, staged, final)`: where a checkpoint is
+      written before it is complete, and how it then takes its place (see `_save_checkpoint`); None writes in place.
     """
+
+    _checkpoint_staging: str | None = None
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write `checkpoint-N` into `checkpoint_staging_dir(...)/checkpoint-N`, then have `publish_checkpoint` move it.
+
+        `Trainer._save_checkpoint` (private) writes model, optimizer, scheduler, RNG states and `trainer_state.json`
+        (last) one by one into `_get_output_dir(trial)/checkpoint-N`, records `state.best_model_checkpoint` as that
+        path when this step is the best, and then rotates the checkpoints of that folder. So, for the call,
+        `_get_output_dir` answers the staging folder (the smallest override that moves every write); afterwards the
+        best checkpoint's path is corrected (and `trainer_state.json` rewritten with it), the checkpoint published,
+        and the run folder rotated (the rotation Trainer did saw only the staging folder).
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = self.checkpoint_staging_dir(run_dir, name)
+        if staging is None:
+            return super()._save_checkpoint(model, trial)
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.publish_checkpoint(staging, staged, final)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def checkpoint_staging_dir(self, run_dir: str, name: str) -> str | None:
+        return None
+
+    def publish_checkpoint(self, staging: str, staged: str, final: str) -> None:
+        pass
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         return self.train_sampler(super()._get_train_sampler(train_dataset))

@@ -162,6 +162,12 @@ class MixT5TrainingArguments(Seq2SeqTrainingArguments):
     output_dir: str | None = field(
         default=None, metadata={"help": "Where checkpoints, the model and metrics go.", "aliases": ["--save_dir"]}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty output_dir that holds no run to resume; its old checkpoints are removed."
+        },
+    )
     run_name: str | None = field(default=None, metadata={"help": "Run name (W&B).", "aliases": ["--wandb_model_name"]})
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate (the study's 1e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})

@@ -61,6 +61,7 @@ def _train(name: str, data: tuple[Path, Path], output_dir: Path, seed: int, extr
         "--validation_file", str(data[1]),
         "--output_dir", str(output_dir / name),
         "--seed", str(seed),
+        "--overwrite_output_dir",  # a second `mixt5 demo` into the same folder starts over
         *TRAIN_FLAGS,
         *extra,
     ]  # fmt: skip

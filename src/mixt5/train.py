@@ -29,7 +29,8 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import (
     RUN_FILE,
@@ -52,7 +53,7 @@ from .model_card import add_training_results
 from .modeling import MixT5PreTrainedModel
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
-from .utils import write_json_atomic
+from .utils import honour_umask, read_json, remove_stale_staging, staging_prefix, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +123,13 @@ def prepare_features(
 
 def _save_final(trainer: MixT5Trainer, output_dir: str) -> None:
     """Save model, tokenizer, config (MoE settings included) and training arguments; each file lands atomically."""
-    staging = Path(output_dir) / ".final-staging"
+    staging = Path(output_dir) / f"{staging_prefix('final', trainer.staging_owner)}staging.partial"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))  # every rank calls it (collective under FSDP/DeepSpeed); rank 0 writes
     if trainer.is_world_process_zero():
         write_json_atomic(staging / "training_args.json", trainer.args.to_dict())
+        honour_umask(staging)
         for item in staging.iterdir():
             os.replace(item, Path(output_dir) / item.name)
         shutil.rmtree(staging, ignore_errors=True)
@@ -166,18 +168,105 @@ def _check_moe_flags(model_args: ModelArguments, moe_args: Any) -> None:
         )
 
 
-def _resolve_resume(training_args: MixT5TrainingArguments) -> str | bool | None:
+# What `mixt5 train` stages in output_dir before renaming it into place (see `utils.remove_stale_staging`).
+STAGED_OUTPUTS = (
+    f"{PREFIX_CHECKPOINT_DIR}-*",
+    "final",
+    "metrics.json",
+    "predictions.json",
+    RUN_FILE,
+    QUESTION_SCORES_FILE,
+)
+# What a run writes into output_dir before its first checkpoint: a folder holding only these can be resumed.
+RUN_LOGS = ("diagnostics.jsonl", "runs")
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    """The `trainer_state.json` in `folder`, or None where it is missing or cut short."""
+    try:
+        state = read_json(folder / TRAINER_STATE_NAME)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def last_whole_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest `checkpoint-N` of `output_dir` that is whole; incomplete ones are skipped with a warning.
+
+    Trainer writes `trainer_state.json` last, so a checkpoint without a readable one was cut short (by a kill while
+    saving, with a version that did not stage checkpoints, or by a hand copy).
+    """
+    numbered = [
+        (int(path.name.rpartition("-")[2]), path)
+        for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and path.name.rpartition("-")[2].isdigit()
+    ]
+    for _, path in sorted(numbered, reverse=True):
+        if _read_state(path) is not None:
+            return path
+        logger.warning("%s is incomplete (no readable %s): skipped.", path, TRAINER_STATE_NAME)
+    return None
+
+
+def _finished_state(training_args: MixT5TrainingArguments) -> dict[str, Any] | None:
+    """The final trainer state of a run in output_dir that already trained as far as these arguments ask, or None.
+
+    `trainer_state.json` and `metrics.json` beside the checkpoints are written last, when a run has finished.
+    """
+    output_dir = Path(training_args.output_dir)
+    state = _read_state(output_dir)
+    if state is None or not (output_dir / "metrics.json").is_file():
+        return None
+    if training_args.max_steps > 0:
+        target = training_args.max_steps
+    elif state.get("num_train_epochs") == training_args.num_train_epochs:
+        target = state.get("max_steps", 0)
+    else:  # trained for another number of epochs: let Trainer work out the steps
+        return None
+    return state if state["global_step"] >= target else None
+
+
+def _resolve_resume(training_args: MixT5TrainingArguments) -> str | None:
+    """The checkpoint to resume from, after checking that output_dir may be written.
+
+    A non-empty output_dir is refused unless this is a resume of the run in it (`--resume_from_checkpoint`) or
+    `--overwrite_output_dir` is given (which removes its old checkpoints). Staging left there by a killed earlier run
+    is removed first.
+    """
+    output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
+    if training_args.should_save:
+        for name in STAGED_OUTPUTS:
+            remove_stale_staging(output_dir, name)
+    entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    if training_args.overwrite_output_dir:
+        if training_args.should_save:
+            for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(path)
+        return None if resume in ("last", "latest", "True", "true") else resume
     if resume in ("last", "latest", "True", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            logger.warning(
-                "--resume_from_checkpoint %s: no checkpoint in %s; starting fresh.", resume, training_args.output_dir
+        last = last_whole_checkpoint(output_dir)
+        if last is not None:
+            logger.info("Resuming from %s.", last)
+            return str(last)
+        if set(entries) - set(RUN_LOGS):
+            raise FileExistsError(
+                f"--resume_from_checkpoint {resume}: {output_dir} holds no whole checkpoint to resume but is not "
+                f"empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); pass --overwrite_output_dir "
+                "to train into it anyway, or choose another --output_dir."
             )
-        return last
-    if resume and not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
-    return resume
+        logger.warning("--resume_from_checkpoint %s: no checkpoint in %s; starting fresh.", resume, output_dir)
+        return None
+    if resume:
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+        return resume
+    if entries:
+        raise FileExistsError(
+            f"output directory {output_dir} is not empty; resume the run in it with --resume_from_checkpoint last, "
+            "or pass --overwrite_output_dir to train into it anyway."
+        )
+    return None
 
 
 def run_training(
@@ -195,6 +284,18 @@ def run_training(
     if not (data_args.train_file or data_args.dataset_name):
         raise ValueError("mixt5 train needs --train_file or --dataset_name.")
     _check_moe_flags(model_args, moe_args)
+    if training_args.resume_from_checkpoint and not training_args.overwrite_output_dir:
+        finished = _finished_state(training_args)
+        if finished is not None:
+            logger.info(
+                "The run in %s is complete (step %d of %d): nothing to train. Its results are in %s.",
+                training_args.output_dir,
+                finished["global_step"],
+                finished.get("max_steps", finished["global_step"]),
+                Path(training_args.output_dir) / "metrics.json",
+            )
+            return read_json(Path(training_args.output_dir) / "metrics.json")
+    resume = _resolve_resume(training_args)
     set_seed(training_args.seed)
     train_examples = load_split(data_args, "train")
     eval_examples = load_split(data_args, "validation")
@@ -202,7 +303,6 @@ def run_training(
         logger.info("No validation data: evaluation and best-checkpoint selection are off.")
         training_args.eval_strategy = "no"
         training_args.load_best_model_at_end = False
-    resume = _resolve_resume(training_args)
 
     tokenizer = load_tokenizer(model_args)
     moe = moe_config_from_arguments(moe_args, training_args.seed) if model_args.enable_moe else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from .data.squad import SquadExamples, TruncationStats
 from .metrics import squad_metrics
 from .model_card import write_model_card
 from .modeling import MixT5PreTrainedModel, RouterOutput, expert_counts_by_layer
+from .utils import honour_umask, replace_dir, staging_owner, staging_prefix
 
 
 class SquadEvaluator:
@@ -105,6 +108,13 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
             share_t5_embedding_modules(self.accelerator.unwrap_model(self.model))
         self._moe_sums: dict[str, torch.Tensor] = {}
         self._moe_steps = 0
+        # Staging folders carry the owner (host, pid) of process 0: one name for every process.
+        owner = [staging_owner()]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(owner)
+        self.staging_owner: str = owner[0]
 
     @property
     def _is_moe(self) -> bool:
@@ -154,6 +164,26 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         for key, value in step.items():
             self._moe_sums[key] = self._moe_sums[key] + value if key in self._moe_sums else value
         self._moe_steps += 1
+
+    def checkpoint_staging_dir(self, run_dir: str, name: str) -> str:
+        """Checkpoints appear whole or not at all: written into `.checkpoint-N.HOST-PID.staging.partial/`, then renamed.
+
+        Trainer writes a checkpoint's files one by one straight into `checkpoint-N`; a run killed meanwhile left a
+        folder that `--resume_from_checkpoint last` picked and failed on. Now a kill at any moment leaves the earlier
+        checkpoints as they were, plus a staging folder that the next run removes (`utils.remove_stale_staging`).
+        """
+        staging = os.path.join(run_dir, f"{staging_prefix(name, self.staging_owner)}staging.partial")
+        if self.args.should_save:
+            os.makedirs(staging, exist_ok=True)
+        return staging
+
+    def publish_checkpoint(self, staging: str, staged: str, final: str) -> None:
+        self.accelerator.wait_for_everyone()  # every process has written its part (shards, RNG state)
+        if self.args.should_save:
+            honour_umask(staged)  # safetensors writes 0600
+            replace_dir(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def train_sampler(self, default: torch.utils.data.Sampler | None) -> torch.utils.data.Sampler | None:
         if type(default) is LengthGroupedSampler:

@@ -1,17 +1,22 @@
-"""Small file helpers: the one place for gzip-aware reading and atomic JSON writes."""
+"""Small file helpers: the one place for gzip-aware reading, atomic writes and the staging files they leave."""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gzip
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+logger = logging.getLogger(__name__)
 
 
 def open_text(path: str | os.PathLike) -> IO[str]:
@@ -51,22 +56,120 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{os.fspath(path)}: invalid JSON at {where}: {err.msg}") from err
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what `open`/`mkdir` would give a new file (0o666) or folder (0o777).
+
+    `tempfile` creates its files 0600 and folders 0700 whatever the umask; staging made with it is set to this
+    before it takes the final name, so outputs get the same permissions as every other file the user writes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the permissions the umask gives new files and folders.
+
+    Staging folders come from `tempfile` (0700) and safetensors writes its files 0600 (as 0.8 does), while every
+    other output is 0644 under the usual umask: a checkpoint shared with a group or served by another user must not
+    be half readable.
+    """
+    file_mode, dir_mode = umask_mode(0o666), umask_mode(0o777)
+    os.chmod(folder, dir_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
+def staging_owner() -> str:
+    """`HOST-PID` of this process, put into its staging files' names so that a later run can tell whose they are."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def staging_prefix(name: str, owner: str | None = None) -> str:
+    """`.NAME.OWNER.`: how a staging file or folder for `NAME` begins (random characters and a suffix follow)."""
+    return f".{name}.{owner or staging_owner()}."
+
+
+STAGING_SUFFIXES = (".partial", ".tmp", ".old")
+
+
+def _owner_is_gone(owner: str) -> bool:
+    host, _, pid = owner.rpartition("-")
+    if host != socket.gethostname().replace(".", "_") or not pid.isdigit():
+        return False  # another machine's (a shared filesystem) or not ours: cannot tell, keep it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_staging(directory: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove the staging files and folders (`.NAME.HOST-PID.*.partial|.tmp|.old`) that a killed run left in
+    `directory` for targets matching the glob `name`; returns what was removed.
+
+    Only those whose owning process is gone (same host, pid no longer running) go: a process still writing keeps its
+    own, as do entries of another host or without an owner in their name.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        stem = entry.name
+        if not stem.startswith(".") or not stem.endswith(STAGING_SUFFIXES):
+            continue
+        parts = stem[1:].rsplit(".", 3)  # NAME (may hold dots), OWNER, random, suffix
+        if len(parts) != 4 or not fnmatch.fnmatchcase(parts[0], name) or not _owner_is_gone(parts[1]):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        logger.info("Removed %s, left by a run that was killed while writing %s.", entry, directory / parts[0])
+    return removed
+
+
+def replace_dir(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Move the complete folder `source` to `destination`, replacing what is there with as few renames as possible.
+
+    A folder at `destination` is renamed aside (to a staging name) first and removed after, since a rename cannot
+    replace a non-empty folder; readers see the old folder or the new one, apart from the instant between the renames.
+    """
+    source, destination = Path(source), Path(destination)
+    if not destination.exists():
+        source.rename(destination)
+        return
+    old = Path(tempfile.mkdtemp(dir=destination.parent, prefix=staging_prefix(destination.name), suffix=".old"))
+    destination.rename(old / destination.name)
+    source.rename(destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[IO[str]]:
     """Open `path` for writing so that readers see either the old file or the whole new one, never a partial write.
 
     Text goes to a temporary file in the same directory, which is flushed, fsynced and moved over `path` with
-    `os.replace` (mode 0o644) when the block ends without error; on error it is removed and `path` is untouched.
+    `os.replace` (mode 0o666 less the umask) when the block ends without error; on error it is removed and `path` is
+    untouched. Temporary files for `path` that a killed earlier writer left are removed first (`remove_stale_staging`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_staging(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=staging_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -111,23 +214,19 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename.
 
     A failure leaves `path` as it was. An existing non-empty `path` is refused unless `overwrite` is set, before
-    any work starts.
+    any work starts. Staging folders for `path` that a killed earlier run left are removed first.
     """
     path = Path(path)
     check_output_path(path, "--output_dir", is_dir=True)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {path} is not empty; pass --overwrite_output_dir to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    remove_stale_staging(path.parent, path.name)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=staging_prefix(path.name), suffix=".partial"))
     try:
         yield staging
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(path)
+        honour_umask(staging)
+        replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
