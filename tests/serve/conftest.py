@@ -44,15 +44,16 @@ def serve_in_thread():
 
 
 @contextlib.contextmanager
-def live_server(app, timeout_s: float = 60.0) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
+def live_server(app, timeout_s: float = 60.0, **config) -> Iterator[str]:
+    """Serve `app` with uvicorn (`config`: more `uvicorn.Config` options) in a thread on a free 127.0.0.1 port; yields
+    the base URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

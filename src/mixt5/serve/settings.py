@@ -46,6 +46,24 @@ class ServeArguments:
         default=None,
         metadata={"help": "CPU threads of torch (torch.set_num_threads); 1 suits small models on busy machines."},
     )
+    timeout_request_read: float = field(
+        default=10.0,
+        metadata={
+            "help": "Seconds a client has to send a whole request (headers and body) once it connects or starts one; "
+            "a slower one is disconnected."
+        },
+    )
+    timeout_keep_alive: float = field(
+        default=5.0, metadata={"help": "Seconds an idle keep-alive connection is kept open (uvicorn's)."}
+    )
+    max_header_bytes: int = field(
+        default=16 * 1024,
+        metadata={"help": "Largest request line plus headers (bytes); more gets 400 (uvicorn's h11 limit)."},
+    )
+    limit_concurrency: int = field(
+        default=512,
+        metadata={"help": "Open connections plus requests in flight beyond which new requests get 503 (uvicorn's)."},
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn log level."})
 
     def __post_init__(self) -> None:
@@ -60,6 +78,8 @@ class ServeArguments:
             "max_body_bytes",
             "max_batch_size",
             "max_queue_size",
+            "max_header_bytes",
+            "limit_concurrency",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -69,6 +89,9 @@ class ServeArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.port > 65535:
             raise ValueError(f"--port must be a TCP port (1..65535), got {self.port}.")
+        for name in ("timeout_request_read", "timeout_keep_alive"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"--{name} must be a positive number of seconds, got {getattr(self, name)}.")
         if self.max_wait_ms < 0:
             raise ValueError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}.")
         if self.max_queue_size < self.max_batch_requests:
