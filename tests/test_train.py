@@ -335,3 +335,16 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mixt5"):
         assert last_whole_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
     assert "checkpoint-12 is incomplete" in caplog.text and "checkpoint-9 is incomplete" in caplog.text
+
+
+def test_overwrite_output_dir_removes_old_checkpoints_only(tmp_path):
+    from mixt5.train import _resolve_resume
+
+    out = tmp_path / "out"
+    (out / "checkpoint-9").mkdir(parents=True)
+    (out / "checkpoint-9" / "trainer_state.json").write_text('{"global_step": 9}')
+    (out / "notes.txt").write_text("kept")
+    *_, training_args = parse_train_args(["--model_name_or_path", "m", "--output_dir", str(out), "--use_cpu",
+                                          "--overwrite_output_dir", "--resume_from_checkpoint", "last"])  # fmt: skip
+    assert _resolve_resume(training_args) is None  # a fresh run: another run's checkpoint is never resumed
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
