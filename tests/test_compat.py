@@ -309,3 +309,26 @@ def test_dataclass_fields_are_added_to_an_existing_parser_as_the_constructor_add
     assert grown.parse_args_into_dataclasses(args=argv) == (_Flags("x", "b", False), _More(3))
     with pytest.raises(SystemExit):  # argparse's own check of a Literal's choices
         grown.parse_args_into_dataclasses(args=["--name", "x", "--kind", "c"])
+
+
+def test_trainer_writes_a_checkpoint_under_its_output_dir_then_rotates(tmp_path):
+    """`Trainer._save_checkpoint` writes every file of `checkpoint-N` (trainer_state.json among them) under
+    `_get_output_dir(trial)`, and rotates only after `publish_checkpoint`: the staging hooks see a whole checkpoint
+    and the run folder keeps `save_total_limit` of them."""
+    run_dir = tmp_path / "run"
+    published = []
+
+    class Staged(TrainerHooksMixin, Seq2SeqTrainer):
+        def checkpoint_staging_dir(self, run_dir, name):
+            return str(tmp_path / f"stage-{name}")
+
+        def publish_checkpoint(self, staging, staged, final):
+            assert not Path(final).exists()
+            published.append(sorted(p.name for p in Path(staged).iterdir()))
+            Path(staged).rename(final)
+
+    args = _args(run_dir, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=2)
+    Staged(model=_Scalar(), args=args, train_dataset=_records([[1, -100], [2, 3], [4, -100]])).train()
+    assert len(published) == 3
+    assert {"trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= set(published[0])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-2", "checkpoint-3"]

@@ -184,7 +184,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     import transformers.modeling_utils
     from transformers import TrainerCallback
-    import mixt5.trainer, mixt5.utils
+    import mixt5._compat, mixt5.trainer, mixt5.utils
     from mixt5.train import parse_train_args, run_training
 
     step, point = int(os.environ["KILL_AT_STEP"]), os.environ.get("KILL_AT", "step_end")
@@ -217,7 +217,7 @@ KILLER = textwrap.dedent(
     kill_in(transformers.modeling_utils, "safe_save_file", "model_file")  # while writing the weights
     kill_in(mixt5.trainer.MixT5Trainer, "_save_optimizer_and_scheduler", "optimizer")  # weights written, no optimizer
     kill_in(mixt5.trainer, "replace_dir", "rename")  # every file written, not yet renamed into place
-    kill_in(mixt5.trainer, "rotate_checkpoints", "rotate")  # renamed into place, older ones not yet rotated
+    kill_in(mixt5._compat, "rotate_checkpoints", "rotate")  # renamed into place, older ones not yet rotated
     kill_in(mixt5.utils.os, "replace", "results")  # metrics.json's temporary file written, not renamed over it
 
     run_training(*parse_train_args(sys.argv[1:]), callbacks=[KillAfter()])
