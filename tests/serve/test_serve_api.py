@@ -221,10 +221,14 @@ def test_cli_parses_flags_and_runs_uvicorn(tiny_moe_dir, monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
-    flags = ["--model_name_or_path", str(tiny_moe_dir), "--port", "8123", "--max_batch_size", "4", "--device", "cpu"]
+    flags = ["--model_name_or_path", str(tiny_moe_dir), "--port", "8123", "--max_batch_size", "4", "--device", "cpu",
+             "--timeout_request_read", "3", "--limit_concurrency", "20"]  # fmt: skip
     assert main(["serve", *flags]) == 0
     ((app, kwargs),) = calls
-    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    http = kwargs.pop("http")
+    assert http.keywords == {"request_read_timeout": 3.0}  # mixt5.serve.limits.BoundedH11Protocol
+    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info", "timeout_keep_alive": 5.0,
+                      "h11_max_incomplete_event_size": 16384, "limit_concurrency": 20}  # fmt: skip
     assert app.state.service.batcher.max_batch_size == 4
     assert main(["serve", "--model_name_or_path", str(tiny_moe_dir), "--max_batch_size", "0"]) == 2
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
