@@ -126,6 +126,13 @@ MALFORMED = {
 }
 
 
+def test_wrong_types_are_not_converted(client):
+    for field, value in [("max_length", "10"), ("show_routing", "yes"), ("num_beams", 1.0), ("question", 5)]:
+        response = client.post("/v1/answer", json=_request(0, **{field: value}))
+        assert response.status_code == 422, (field, response.text)
+        assert field in json.dumps(response.json()["detail"])
+
+
 @pytest.mark.parametrize(("body", "where"), MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_requests_get_422(client, body, where):
     response = client.post("/v1/answer", content=body, headers={"Content-Type": "application/json"})

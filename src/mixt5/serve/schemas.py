@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class AnswerRequest(BaseModel):
     """One question about one context, with optional per-request generation settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "10" is not an int nor "yes" a bool (pydantic's lax mode would convert them); docs/serve.md promises 422
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     question: str = Field(description="The question.")
     context: str = Field(description="The paragraph that holds the answer.")
