@@ -417,9 +417,13 @@ def test_minilm_real_weights_preserve_function():
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs["attention_mask"][1, 15:] = 0
     reference = _outputs(dense, inputs)
-    model = upcycle(dense, MoEConfig(num_experts=8, top_k=2, moe_layers="last:3")).eval()
+    model = upcycle(copy.deepcopy(dense), MoEConfig(num_experts=8, top_k=2, moe_layers="last:3")).eval()
     assert [block for _, block, _ in model.sparse_layers()] == [3, 4, 5]
     assert (_outputs(model, inputs) - reference).abs().max() <= 1e-4 * reference.abs().max()
+    dense = dense.double()
+    reference = _outputs(dense, inputs)
+    model = upcycle(dense, MoEConfig(num_experts=8, top_k=2, moe_layers="last:3")).eval()
+    assert (_outputs(model, inputs) - reference).abs().max() <= 1e-9 * reference.abs().max()
 
 
 def test_routing_diagnostics_attach_to_an_encoder_model(tmp_path):
@@ -440,3 +444,19 @@ def test_routing_diagnostics_attach_to_an_encoder_model(tmp_path):
         and (similarity < 1).any()
         and torch.allclose(similarity.diagonal(), torch.ones(3, dtype=torch.float64))
     )
+
+
+def test_feed_forward_chunking_is_off_in_moe_layers_only(tmp_path):
+    """`chunk_size_feed_forward` would hand the MoE layer pieces of sequences, whose padding mask it cannot know."""
+    folder = write_published(tmp_path / "chunked", "bert")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "chunk_size_feed_forward": 3}))
+    torch.manual_seed(0)
+    dense = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
+    inputs = batch()
+    reference = _outputs(dense, inputs)
+    model = upcycle(dense, MoEConfig(num_experts=4, top_k=2, moe_layers="last:1", capacity_factor=4.0)).eval()
+    layers = model.bert.encoder.layer
+    assert layers[2].chunk_size_feed_forward == 0 and layers[0].chunk_size_feed_forward == 3
+    real = inputs["attention_mask"].bool().repeat(1, 2)
+    assert (_outputs(model, inputs) - reference)[real].abs().max() <= 1e-4 * reference.abs().max()

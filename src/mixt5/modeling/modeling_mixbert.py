@@ -52,7 +52,7 @@ from ..model_card import write_model_card
 from .experts import sorted_dispatch
 from .modeling_mixt5 import router_losses
 from .moe_model import MoEModelMixin
-from .router import MixT5Router, init_router_weight_
+from .router import MixT5Router
 from .sparse_ff import SparseFFMixin
 
 
@@ -162,6 +162,8 @@ class MixBertPreTrainedModel(MoEModelMixin, CardBeforeUploadMixin, ExpertsImplem
         router_type = self.config.moe_config.router_type_for("encoder")
         layers = self._encoder_layers()
         for index in self.config.moe_layer_indices["encoder"]:
+            # routing sees whole sequences (padding mask, expert choice, capacity): no feed-forward chunking here
+            layers[index].chunk_size_feed_forward = 0
             layers[index].intermediate = nn.Identity()
             layers[index].output = MixBertSparseOutput(self.config, router_type)
         self.base_model.register_forward_pre_hook(_token_mask_hook(self), with_kwargs=True)
@@ -177,9 +179,7 @@ class MixBertPreTrainedModel(MoEModelMixin, CardBeforeUploadMixin, ExpertsImplem
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, MixT5Router):
-            init_router_weight_(module.weight, self.config.moe_config)
-            if hasattr(module, "noise_weight"):
-                init.zeros_(module.noise_weight)
+            module.init_weights_(self.config.moe_config)
         elif isinstance(module, MixBertExperts):  # BERT's dense init, per expert
             init.normal_(module.up_proj, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)

@@ -39,7 +39,7 @@ from ..losses import load_balancing_loss_func, router_z_loss_func
 from ..model_card import write_model_card
 from .experts import MixT5Experts, MixT5GatedExperts
 from .moe_model import MoEModelMixin
-from .router import MixT5Router, RouterOutput, expert_counts, init_router_weight_
+from .router import MixT5Router, RouterOutput, expert_counts
 from .sparse_ff import MixT5LayerSparseFF
 from .tying import missing_lm_head_error
 
@@ -138,9 +138,7 @@ class MixT5PreTrainedModel(
         super()._init_weights(module)
         factor = self.config.initializer_factor
         if isinstance(module, MixT5Router):
-            init_router_weight_(module.weight, self.config.moe_config)
-            if hasattr(module, "noise_weight"):
-                init.zeros_(module.noise_weight)
+            module.init_weights_(self.config.moe_config)
         elif isinstance(module, MixT5GatedExperts | MixT5Experts):  # T5's dense FF init, per expert
             up = module.gate_up_proj if isinstance(module, MixT5GatedExperts) else module.up_proj
             init.normal_(up, mean=0.0, std=factor * self.config.d_model**-0.5)

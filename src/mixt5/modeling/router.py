@@ -93,6 +93,12 @@ class MixT5Router(nn.Module):
         if router_type == "noisy_topk":
             self.noise_weight = nn.Parameter(torch.zeros(moe.num_experts, d_model))
 
+    def init_weights_(self, moe: MoEConfig) -> None:
+        """A model's `_init_weights` for a router: `weight` per `moe.router_init`, the noise projection zero."""
+        init_router_weight_(self.weight, moe)
+        if hasattr(self, "noise_weight"):
+            init.zeros_(self.noise_weight)
+
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> RouterOutput:
         # hidden_states: (tokens, d_model); token_mask: (tokens,) bool
         dtype = routing_dtype(hidden_states.dtype)
