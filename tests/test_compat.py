@@ -74,6 +74,42 @@ def test_experts_class_dispatches_on_the_configs_implementation():
     assert calls == [("Experts", True), ("Experts", False)]
 
 
+def test_experts_class_with_biases_feeds_them_to_transformers_kernels():
+    """`use_experts_implementation(has_bias=True)`: sets `has_bias`, and transformers' kernels add `up_proj_bias` and
+    `down_proj_bias` (the names `MixBertExperts` holds)."""
+
+    @experts_class(has_gate=False, has_bias=True)
+    class Experts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = 2
+            self.up_proj = nn.Parameter(torch.ones(2, 4, 4))  # grouped_mm on CPU: 16-byte row strides
+            self.up_proj_bias = nn.Parameter(torch.zeros(2, 4))
+            self.down_proj = nn.Parameter(torch.ones(2, 4, 4))
+            self.down_proj_bias = nn.Parameter(torch.zeros(2, 4))
+            self.act_fn = nn.Identity()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("not the eager path")
+
+    config = MixT5Config(moe={"moe_layers": "all"}, **tiny_config().to_dict())
+    experts = Experts(config)
+    assert experts.has_bias is True and experts.has_gate is False
+    x, index, weights = torch.ones(2, 4), torch.tensor([[0], [1]]), torch.ones(2, 1)
+    for implementation in ("batched_mm", "grouped_mm"):
+        set_experts_implementation(config, implementation)
+        with torch.no_grad():
+            experts.up_proj_bias.zero_()
+            experts.down_proj_bias.zero_()
+            plain = experts(x, index, weights)
+            experts.up_proj_bias.fill_(1.0)
+            experts.down_proj_bias[1].fill_(0.5)
+            biased = experts(x, index, weights)
+        # up: 4 -> 4 + 1 per unit; down: 4 units * 5 = 20 (+ 0.5 for expert 1)
+        torch.testing.assert_close(plain, torch.full((2, 4), 16.0))
+        torch.testing.assert_close(biased, torch.tensor([[20.0] * 4, [20.5] * 4]))
+
+
 def test_the_experts_implementation_is_read_from_the_config(tmp_path):
     """`from_pretrained(experts_implementation=...)` and `set_experts_implementation` record the kernel in
     `config._experts_implementation`, the config object the experts hold; MixT5's default is "eager"."""

@@ -11,6 +11,7 @@ non-zero biases. Nothing here is built by transformers' or MixT5's model classes
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -460,3 +461,16 @@ def test_feed_forward_chunking_is_off_in_moe_layers_only(tmp_path):
     assert layers[2].chunk_size_feed_forward == 0 and layers[0].chunk_size_feed_forward == 3
     real = inputs["attention_mask"].bool().repeat(1, 2)
     assert (_outputs(model, inputs) - reference)[real].abs().max() <= 1e-4 * reference.abs().max()
+
+
+def test_memory_check_counts_the_biases_and_refuses_before_touching_the_model(tmp_path, monkeypatch):
+    upcycle_module = importlib.import_module("mixt5.upcycle")  # `mixt5.upcycle` itself is the function
+    dense = load_dense(tmp_path, "bert", "qa")
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    per_layer = 4 * ((FF * HIDDEN * 2 + FF + HIDDEN) * 4 + HIDDEN * 4)  # 4 experts' weights and biases + router rows
+    monkeypatch.setattr(upcycle_module, "available_memory", lambda device: (3 * per_layer - 1, "test figure"))
+    with pytest.raises(MemoryError, match=r"num_experts=4: .* 3 MoE layers .*test figure"):
+        upcycle(dense, MoEConfig(num_experts=4, moe_layers="all"))
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    monkeypatch.setattr(upcycle_module, "available_memory", lambda device: (3 * per_layer, "test figure"))
+    assert list(upcycle(dense, MoEConfig(num_experts=4, moe_layers="all")).sparse_layers())
