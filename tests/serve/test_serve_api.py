@@ -159,6 +159,17 @@ def test_inputs_over_the_limits_get_413_naming_the_limit(client):
     huge = json.dumps({"question": "q", "context": "x" * (9 * 2**20)})
     response = client.post("/v1/answer", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413  # over max_body_bytes (8 MiB), refused before it is parsed
+    assert response.json() == {"detail": f"the body is over {8 * 2**20} bytes; the limit is max_body_bytes={8 * 2**20}",
+                               "limit": "max_body_bytes", "value": 8 * 2**20}  # fmt: skip
+
+    def chunks():  # no Content-Length: the size shows only as the body streams in
+        yield b'{"question": "q", "context": "'
+        for _ in range(9):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    response = client.post("/v1/answer", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["limit"] == "max_body_bytes", response.text
     # the server is still answering
     assert client.post("/v1/answer", json=_request(2)).status_code == 200
     assert client.get("/healthz").status_code == 200

@@ -209,6 +209,46 @@ def _limit_response(message: str, limit: str, value: int) -> JSONResponse:
     return JSONResponse({"detail": message, "limit": limit, "value": value}, status_code=413)
 
 
+class BodyLimitMiddleware:
+    """413 for a body over `max_body_bytes`, announced (Content-Length) or streamed, as the same JSON as every limit.
+
+    Written here rather than FastAPI's `max_body_size` because that one answers in plain text from a middleware outside
+    the app's exception handlers. An announced size is refused before the body is read; a streamed one when it passes
+    the limit (an `HTTPException` from `receive`, which FastAPI's body parsing passes on to `http_error`).
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def response(self) -> JSONResponse:
+        return body_too_large(self.max_body_bytes)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self.response()(scope, receive, send)
+        received = 0
+
+        async def receive_within_limit() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    return _limit_response(
+        f"the body is over {limit} bytes; the limit is max_body_bytes={limit}", "max_body_bytes", limit
+    )
+
+
 def create_app(args: ServeArguments, predictor: QAPredictor | None = None) -> FastAPI:
     """The app for `args`; pass a ready `predictor` to reuse a loaded model (tests, notebooks)."""
     defaults = generation_defaults(args)
@@ -236,11 +276,11 @@ def create_app(args: ServeArguments, predictor: QAPredictor | None = None) -> Fa
         title="MixT5",
         summary="Answers to questions about a paragraph, and the experts each token used.",
         lifespan=lifespan,
-        max_body_size=args.max_body_bytes,  # 413 "Content Too Large", streamed bodies included
         docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN; /openapi.json stays
         redoc_url=None,
     )
     app.state.service = service
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=args.max_body_bytes)  # streamed bodies included
 
     @app.exception_handler(LimitExceededError)
     async def limit_exceeded(_: Request, err: LimitExceededError) -> JSONResponse:
@@ -256,6 +296,8 @@ def create_app(args: ServeArguments, predictor: QAPredictor | None = None) -> Fa
     async def http_error(request: Request, err: StarletteHTTPException) -> Response:
         if err.status_code == 400:  # FastAPI's "error parsing the body": not UTF-8, hence not JSON (RFC 8259)
             return JSONResponse({"detail": f"the body is not valid JSON: {err.detail}"}, status_code=422)
+        if err.status_code == 413:  # a streamed body over the limit (`BodyLimitMiddleware`)
+            return body_too_large(args.max_body_bytes)
         return await http_exception_handler(request, err)
 
     @app.exception_handler(QueueFullError)
