@@ -143,3 +143,30 @@ def test_bad_settings_and_use_before_start_raise():
         MicroBatcher(Recorder(), max_batch_size=0)
     with pytest.raises(RuntimeError, match="start"):
         _run(MicroBatcher(Recorder()).submit("greedy", 1))
+
+
+def test_requests_whose_client_has_gone_are_not_run():
+    from mixt5.serve.batcher import ClientGoneError
+
+    recorder = Recorder(delay_s=0.2)
+    gone = set()
+
+    def client(number):
+        async def is_gone():
+            return number in gone
+
+        return is_gone
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit("k", 0, client(0)))
+        await asyncio.sleep(0.05)  # the first call is running: the rest queue behind it
+        rest = [asyncio.ensure_future(batcher.submit("k", n, client(n))) for n in range(1, 7)]
+        await asyncio.sleep(0.01)
+        gone.update({2, 3, 5})  # their clients disconnect while they wait
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        return results, batcher.stats.abandoned
+
+    results, abandoned = _run(_with_batcher(recorder, body, max_batch_size=8, max_wait_ms=1))
+    assert [n for _, items in recorder.calls for n in items] == [0, 1, 4, 6]  # never generated: 2, 3, 5
+    assert [results[n] for n in (0, 1, 4, 6)] == [0, 2, 8, 12]
+    assert all(isinstance(results[n], ClientGoneError) for n in (2, 3, 5)) and abandoned == 3

@@ -109,3 +109,38 @@ def test_idle_keep_alive_is_closed_and_an_endless_head_refused(bounded_server):
 def test_connection_limits_must_be_positive(flag):
     with pytest.raises(ValueError, match=flag):
         ServeArguments("model", **{flag: 0})
+
+
+def test_requests_of_disconnected_clients_are_not_generated(tiny_moe_dir, serve_in_thread):
+    import json
+    import threading
+
+    args = ServeArguments(str(tiny_moe_dir), device="cpu", max_sequence_length=256, max_wait_ms=0)
+    app = create_app(args)
+    predictor = app.state.service.predictor
+    generated, release, original = [], threading.Event(), predictor.answer
+
+    def answer(questions, contexts, **kwargs):
+        generated.extend(questions)
+        release.wait(timeout=30)  # the first call holds the worker while the others queue
+        return original(questions, contexts, **kwargs)
+
+    predictor.answer = answer
+    with serve_in_thread(app, **uvicorn_options(args)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        kept = threading.Thread(target=lambda: client.post("/v1/answer", json={"question": "first?", "context": "c"}))
+        kept.start()
+        deadline = time.monotonic() + 10
+        while not generated and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for number in range(5):  # whole requests whose clients hang up before their turn
+            body = json.dumps({"question": f"abandoned {number}?", "context": "c"}).encode()
+            head = HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+                sock.sendall(head + body)
+        time.sleep(0.3)  # the server sees them go
+        release.set()
+        kept.join(timeout=30)
+        answered = client.post("/v1/answer", json={"question": "last?", "context": "c"})
+        assert answered.status_code == 200
+        stats = client.get("/healthz").json()["micro_batching"]
+    assert generated == ["first?", "last?"] and stats["abandoned"] == 5, (generated, stats)

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import json
 import logging
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.squad import format_prompt, load_squad_json
 from ..predict import QAPredictor
-from .batcher import MicroBatcher, QueueFullError
+from .batcher import ClientGoneError, MicroBatcher, QueueFullError
 from .schemas import AnswerRequest, AnswerResponse, Example, Health
 from .settings import GenerationDefaults, ServeArguments, generation_defaults
 
@@ -132,14 +132,16 @@ class AnswerService:
             {"answer": r["answer"], "routing": r.get("routing", empty) if key.show_routing else None} for r in results
         ]
 
-    async def answer(self, requests: list[AnswerRequest], batch: bool) -> list[dict[str, Any]]:
+    async def answer(
+        self, requests: list[AnswerRequest], batch: bool, gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[dict[str, Any]]:
         keyed = [
             (self.check(r, f"requests[{i}]: " if batch else ""), Question(r.question, r.context))
             for i, r in enumerate(requests)
         ]
         try:
-            return await self.batcher.submit_many(keyed)
-        except QueueFullError:
+            return await self.batcher.submit_many(keyed, gone)
+        except (QueueFullError, ClientGoneError):
             raise
         except Exception as err:  # the batcher logged it; the other requests are served
             raise HTTPException(500, f"generation failed: {type(err).__name__}: {err}") from err
@@ -180,6 +182,7 @@ class AnswerService:
                 "requests": self.batcher.stats.requests,
                 "generate_calls": self.batcher.stats.calls,
                 "largest_call": self.batcher.stats.largest_call,
+                "abandoned": self.batcher.stats.abandoned,
             },
         }
 
@@ -300,24 +303,30 @@ def create_app(args: ServeArguments, predictor: QAPredictor | None = None) -> Fa
             return body_too_large(args.max_body_bytes)
         return await http_exception_handler(request, err)
 
+    @app.exception_handler(ClientGoneError)
+    async def client_gone(_: Request, err: ClientGoneError) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
+
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, err: QueueFullError) -> JSONResponse:
         return JSONResponse({"detail": f"busy: {err}"}, status_code=503, headers={"Retry-After": "1"})
 
     @app.post("/v1/answer", response_model=AnswerResponse)
-    async def answer(request: AnswerRequest) -> dict[str, Any]:
-        (result,) = await service.answer([request], batch=False)
+    async def answer(request: AnswerRequest, http: Request) -> dict[str, Any]:
+        (result,) = await service.answer([request], batch=False, gone=http.is_disconnected)
         return result
 
     @app.post("/v1/answer:batch", response_model=list[AnswerResponse])
-    async def answer_batch(requests: Annotated[list[AnswerRequest], Body(min_length=1)]) -> list[dict[str, Any]]:
+    async def answer_batch(
+        requests: Annotated[list[AnswerRequest], Body(min_length=1)], http: Request
+    ) -> list[dict[str, Any]]:
         if len(requests) > args.max_batch_requests:
             raise LimitExceededError(
                 f"the batch has {len(requests)} requests; the limit is max_batch_requests={args.max_batch_requests}",
                 "max_batch_requests",
                 args.max_batch_requests,
             )
-        return await service.answer(requests, batch=True)
+        return await service.answer(requests, batch=True, gone=http.is_disconnected)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> dict[str, Any]:

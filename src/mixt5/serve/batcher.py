@@ -3,8 +3,9 @@
 One asyncio worker takes the first waiting request, then gathers more until it has `max_batch_size` of them or
 `max_wait_ms` has passed since the first, and runs them in a single worker thread (so the event loop keeps accepting
 requests while the model runs). Requests in one micro-batch may ask for different generation settings: they are
-grouped by their `key` and each group is one call. Nothing is dropped: a full queue is refused up front
-(`QueueFullError`), and a failed call fails only the requests of that call.
+grouped by their `key` and each group is one call. A full queue is refused up front (`QueueFullError`), a failed call
+fails only the requests of that call, and a request whose client has gone (its `gone()` says so when its micro-batch
+is formed) is not generated: it fails with `ClientGoneError`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -27,17 +28,23 @@ class QueueFullError(RuntimeError):
     """More requests are waiting than the queue holds; retry later (HTTP 503)."""
 
 
+class ClientGoneError(RuntimeError):
+    """The request's client disconnected before its micro-batch ran: it was not generated."""
+
+
 @dataclass
 class _Job(Generic[Item, Result]):
     key: Hashable
     item: Item
     future: asyncio.Future[Result]
+    gone: Callable[[], Awaitable[bool]] | None = None
 
 
 @dataclass
 class BatcherStats:
     requests: int = 0
     calls: int = 0  # run_batch calls (one per settings group of a micro-batch)
+    abandoned: int = 0  # requests skipped because their client had gone
     largest_call: int = 0
     call_sizes: dict[int, int] = field(default_factory=dict)  # size -> how many calls had it
 
@@ -97,20 +104,26 @@ class MicroBatcher(Generic[Item, Result]):
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._worker = self._queue = self._executor = None
 
-    async def submit(self, key: Hashable, item: Item) -> Result:
+    async def submit(self, key: Hashable, item: Item, gone: Callable[[], Awaitable[bool]] | None = None) -> Result:
         """Queue one item and wait for its result."""
-        (result,) = await self.submit_many([(key, item)])
+        (result,) = await self.submit_many([(key, item)], gone)
         return result
 
-    async def submit_many(self, keyed_items: Sequence[tuple[Hashable, Item]]) -> list[Result]:
-        """Queue all items or none (`QueueFullError`), then wait for all their results, in order."""
+    async def submit_many(
+        self, keyed_items: Sequence[tuple[Hashable, Item]], gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[Result]:
+        """Queue all items or none (`QueueFullError`), then wait for all their results, in order.
+
+        `gone()` (e.g. Starlette's `Request.is_disconnected`) is asked when the items' micro-batch is formed; if it says
+        the client has gone, they are not run and fail with `ClientGoneError`.
+        """
         if self._queue is None:
             raise RuntimeError("MicroBatcher is not running; call start() first")
         free = self.max_queue_size - self._queue.qsize()
         if len(keyed_items) > free:
             raise QueueFullError(f"{self._queue.qsize()} requests are waiting (max_queue_size={self.max_queue_size})")
         loop = asyncio.get_running_loop()
-        jobs = [_Job(key, item, loop.create_future()) for key, item in keyed_items]
+        jobs = [_Job(key, item, loop.create_future(), gone) for key, item in keyed_items]
         for job in jobs:  # no await in between: the whole list goes in, or (above) nothing
             self._queue.put_nowait(job)
         try:
@@ -149,6 +162,9 @@ class MicroBatcher(Generic[Item, Result]):
             batch = await self._gather()
             groups: dict[Hashable, list[_Job[Item, Result]]] = {}
             for job in batch:
+                if not job.future.done() and job.gone is not None and await job.gone():
+                    job.future.set_exception(ClientGoneError("the client disconnected before its request ran"))
+                    self.stats.abandoned += 1
                 if not job.future.done():  # skip jobs whose caller has gone
                     groups.setdefault(job.key, []).append(job)
             for key, jobs in groups.items():
