@@ -48,7 +48,6 @@ from transformers.modeling_outputs import (
 
 from .._compat import CardBeforeUploadMixin, ExpertsImplementationMixin, experts_class, init_submodel_with
 from ..config import MixBertConfig, MixElectraConfig, MixRobertaConfig, MixXLMRobertaConfig
-from ..model_card import write_model_card
 from .experts import sorted_dispatch
 from .modeling_mixt5 import router_losses
 from .moe_model import MoEModelMixin
@@ -185,17 +184,6 @@ class MixBertPreTrainedModel(MoEModelMixin, CardBeforeUploadMixin, ExpertsImplem
             init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.up_proj_bias)
             init.zeros_(module.down_proj_bias)
-
-    def save_pretrained(self, save_directory: Any, is_main_process: bool = True, *args: Any, **kwargs: Any) -> Any:
-        """transformers' `save_pretrained`, plus the model card (`README.md`, see `mixt5.model_card`)."""
-        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        if is_main_process:
-            write_model_card(self, save_directory)
-        return result
-
-    def write_card(self, folder: Any) -> None:
-        """The card `push_to_hub` uploads (see `CardBeforeUploadMixin`)."""
-        write_model_card(self, folder)
 
 
 def _with_router_losses(dense_forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -36,7 +36,6 @@ from .._compat import (
 )
 from ..config import MixT5Config
 from ..losses import load_balancing_loss_func, router_z_loss_func
-from ..model_card import write_model_card
 from .experts import MixT5Experts, MixT5GatedExperts
 from .moe_model import MoEModelMixin
 from .router import MixT5Router, RouterOutput, expert_counts
@@ -112,17 +111,6 @@ class MixT5PreTrainedModel(
     config: MixT5Config
     # `down_proj` is the experts' `wo`: kept in fp32 under fp16 like T5's `wo`, and so is the router
     _keep_in_fp32_modules: ClassVar[list[str]] = ["wo", "down_proj", "router"]
-
-    def save_pretrained(self, save_directory: Any, is_main_process: bool = True, *args: Any, **kwargs: Any) -> Any:
-        """transformers' `save_pretrained`, plus the model card (`README.md`, see `mixt5.model_card`)."""
-        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        if is_main_process:
-            write_model_card(self, save_directory)
-        return result
-
-    def write_card(self, folder: Any) -> None:
-        """The card `push_to_hub` uploads (see `CardBeforeUploadMixin`)."""
-        write_model_card(self, folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
