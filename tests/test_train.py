@@ -60,7 +60,7 @@ def tiny_qa_model(tmp_path_factory):
 
 
 def test_study_flags_map_to_trainer_arguments(tmp_path):
-    model_args, data_args, moe_args, training_args = parse_train_args(
+    model_args, data_args, moe_args, training_args, _ = parse_train_args(
         _train_argv("m", tmp_path / "out", "--use_wandb", "--entity", "lab")[1:]
     )
     assert model_args.model_name_or_path == "m" and model_args.enable_moe is False

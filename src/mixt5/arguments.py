@@ -40,6 +40,13 @@ class ModelArguments:
     experts_implementation: str | None = field(
         default=None, metadata={"help": "Experts kernel: eager (MixT5's dispatch), grouped_mm, batched_mm, ..."}
     )
+    task: Literal["auto", "generative", "extractive"] = field(
+        default="auto",
+        metadata={
+            "help": "generative: a seq2seq model writes the answer; extractive: an encoder with a span head picks "
+            "it from the context; auto: follows from the model (see mixt5.loading.model_task)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
@@ -58,8 +65,13 @@ class DataArguments:
         default="t5",
         metadata={"help": "t5: `question: q context: c`; seed: the study's `[squad][question]q[context]c`."},
     )
-    max_sequence_length: int = field(
-        default=512, metadata={"help": "Input tokens kept (the rest is cut).", "aliases": ["--max_source_length"]}
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input tokens kept (the rest is cut); extractive: tokens per sliding window. Default: 512 "
+            "(generative), 384 (extractive).",
+            "aliases": ["--max_source_length"],
+        },
     )
     max_target_length: int = field(default=32, metadata={"help": "Answer tokens kept as the training target."})
     strict_data: bool = field(default=False, metadata={"help": "Make a bad answer_start an error, not a warning."})
@@ -67,7 +79,7 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         for name in ("max_sequence_length", "max_target_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

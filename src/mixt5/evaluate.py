@@ -10,8 +10,9 @@ from typing import Any
 
 from .arguments import DataArguments, MixT5TrainingArguments, ModelArguments
 from .commands import add_dataclass_arguments, command_parser, dataclasses_from_namespace
+from .data.extractive import ExtractiveArguments
 
-EVALUATE_ARGUMENTS = (ModelArguments, DataArguments, MixT5TrainingArguments)
+EVALUATE_ARGUMENTS = (ModelArguments, DataArguments, MixT5TrainingArguments, ExtractiveArguments)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_evaluate_args(argv: Sequence[str]) -> tuple[Any, ...]:
-    """`(model_args, data_args, training_args)` of `mixt5 evaluate ARGV`; a bad flag raises `UsageError`."""
+    """`(model_args, data_args, training_args, extractive_args)` of `mixt5 evaluate ARGV`; a bad flag raises
+    `UsageError`."""
     return command_parser("mixt5 evaluate", add_arguments).parse_args_into_dataclasses(args=list(argv))
 
 

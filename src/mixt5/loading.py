@@ -179,3 +179,29 @@ def _base_model(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return base if isinstance(base, str) and not base.startswith("builtin:") else None
+
+
+def model_task(config: Any, *, flag: str = "--model_name_or_path") -> str:
+    """`"generative"` for a seq2seq checkpoint (T5, MixT5), `"extractive"` for an encoder with (or for) a span head.
+
+    Decided by the config's `architectures` first (`*ForConditionalGeneration` / `*ForQuestionAnswering`), then by
+    its type in transformers' Auto mappings (registered types included): encoder-decoder → generative, a type
+    `AutoModelForQuestionAnswering` builds → extractive (e.g. a bare `BertModel` checkpoint, whose QA head is new).
+    Raises `ValueError` naming `flag` when neither applies; `--task` overrides it.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_QUESTION_ANSWERING_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    )
+
+    architectures = getattr(config, "architectures", None) or []
+    if any(name.endswith("ForQuestionAnswering") for name in architectures):
+        return "extractive"
+    if getattr(config, "is_encoder_decoder", False) or type(config) in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
+        return "generative"
+    if type(config) in MODEL_FOR_QUESTION_ANSWERING_MAPPING:
+        return "extractive"
+    raise ValueError(
+        f"{flag}: a {config.model_type!r} model ({', '.join(architectures) or 'no architectures in config.json'}) is "
+        "neither a seq2seq model nor one with a question-answering head; pass --task generative or --task extractive."
+    )

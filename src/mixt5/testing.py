@@ -75,3 +75,37 @@ def save_tiny_qa_model(path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def save_tiny_bert_qa_model(path, seed: int = 0, *, head: bool = True) -> Path:
+    """A tiny random `BertForQuestionAnswering` (or, with `head=False`, a bare `BertModel`, as sentence-transformers
+    checkpoints are stored) with an uncased WordPiece vocabulary (`vocab.txt`, as BERT checkpoints ship it) covering
+    the shipped SQuAD sample's words, saved to `path`."""
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import BertConfig, BertForQuestionAnswering, BertModel, BertTokenizer
+
+    from mixt5.data.squad import load_squad_json
+
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: dict[str, None] = {}
+    for example in load_squad_json(SAMPLE_SQUAD):
+        for text in (example.question, example.context):
+            words.update(dict.fromkeys(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(path / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    model = (BertForQuestionAnswering if head else BertModel)(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,5 +1,9 @@
 """`mixt5 train` / `mixt5 evaluate`: SQuAD as text-to-text QA on `Seq2SeqTrainer`, dense or upcycled to MoE.
 
+The task follows from the model (`mixt5.loading.model_task`, or `--task`): this module is the generative
+(seq2seq) path; an encoder with a span head takes the extractive one, `mixt5.train_extractive`, with the same
+flags, run folder and files.
+
 build model → load and tokenise data → `MixT5Trainer` → train → evaluate → write the model and the run's results into
 `output_dir`. One code path for one process and for `accelerate launch` / `torchrun`.
 
@@ -43,10 +47,11 @@ from .arguments import (
 )
 from .commands import add_dataclass_arguments, command_parser, dataclasses_from_namespace
 from .config import MixT5Config, MoEConfig, non_default_fields
+from .data.extractive import ExtractiveArguments
 from .data.sources import load_split
 from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
 from .diagnostics import RoutingDiagnosticsCallback
-from .loading import from_pretrained, load_config
+from .loading import from_pretrained, load_config, model_task
 from .loading import load_tokenizer as load_pretrained_tokenizer
 from .metrics import QUESTION_SCORES_FILE, write_question_scores
 from .model_card import add_training_results
@@ -56,6 +61,8 @@ from .upcycle import upcycle
 from .utils import honour_umask, read_json, remove_stale_staging, staging_prefix, write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # generative input tokens; the extractive windows' default is 384
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
@@ -67,8 +74,14 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(model_args: ModelArguments, moe: MoEConfig | None, command: str | None = None) -> PreTrainedModel:
-    """Load the checkpoint; with `moe` (i.e. `--enable_moe`), upcycle it unless it already is a MixT5 model."""
+def build_model(
+    model_args: ModelArguments,
+    moe: MoEConfig | None,
+    command: str | None = None,
+    auto_class: Any = AutoModelForSeq2SeqLM,
+) -> PreTrainedModel:
+    """Load the checkpoint as `auto_class`; with `moe` (i.e. `--enable_moe`), upcycle it unless it already is a MixT5
+    model."""
     source = model_args.reference_model_name_or_path or model_args.model_name_or_path
     if (
         moe is not None
@@ -81,7 +94,7 @@ def build_model(model_args: ModelArguments, moe: MoEConfig | None, command: str 
             f"it once first (mixt5 upcycle --model_name_or_path {source} --output_dir DIR [MoE flags]), then train DIR."
         )
     flag = "--reference_model_name_or_path" if model_args.reference_model_name_or_path else "--model_name_or_path"
-    model = from_pretrained(AutoModelForSeq2SeqLM, source, flag=flag)
+    model = from_pretrained(auto_class, source, flag=flag)
     if moe is not None and not isinstance(model, MixT5PreTrainedModel):
         model = upcycle(model, moe, base_model=source)
         if command:
@@ -269,11 +282,26 @@ def _resolve_resume(training_args: MixT5TrainingArguments) -> str | None:
     return None
 
 
+def resolve_task(model_args: ModelArguments, extractive_args: ExtractiveArguments | None) -> str:
+    """`--task`, or the model's own (`model_task`); the extractive flags are refused on the generative task."""
+    task = model_args.task
+    if task == "auto":
+        source = model_args.reference_model_name_or_path or model_args.model_name_or_path
+        flag = "--reference_model_name_or_path" if model_args.reference_model_name_or_path else "--model_name_or_path"
+        task = model_task(load_config(source, flag=flag), flag=f"{flag} {source}")
+    given = non_default_fields(extractive_args) if extractive_args is not None else []
+    if task == "generative" and given:
+        flags = " ".join(f"--{name}" for name in given)
+        raise ValueError(f"{flags}: extractive QA flags, but {model_args.model_name_or_path} is a generative model.")
+    return task
+
+
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
     moe_args: Any,
     training_args: MixT5TrainingArguments,
+    extractive_args: ExtractiveArguments | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -295,6 +323,14 @@ def run_training(
                 Path(training_args.output_dir) / "metrics.json",
             )
             return read_json(Path(training_args.output_dir) / "metrics.json")
+    if resolve_task(model_args, extractive_args) == "extractive":
+        from .train_extractive import run_extractive_training
+
+        return run_extractive_training(
+            model_args, data_args, moe_args, training_args, extractive_args or ExtractiveArguments(), callbacks, command
+        )
+    if data_args.max_sequence_length is None:
+        data_args.max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
     resume = _resolve_resume(training_args)
     set_seed(training_args.seed)
     train_examples = load_split(data_args, "train")
@@ -352,12 +388,23 @@ def run_training(
 
 
 def run_evaluation(
-    model_args: ModelArguments, data_args: DataArguments, training_args: MixT5TrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MixT5TrainingArguments,
+    extractive_args: ExtractiveArguments | None = None,
 ) -> dict[str, Any]:
     """Score any checkpoint, dense or MoE, on a validation set; writes predictions.json and metrics.json."""
     examples = load_split(data_args, "validation")
     if examples is None:
         raise ValueError("mixt5 evaluate needs --validation_file or --dataset_name.")
+    if resolve_task(model_args, extractive_args) == "extractive":
+        from .train_extractive import run_extractive_evaluation
+
+        return run_extractive_evaluation(
+            model_args, data_args, training_args, extractive_args or ExtractiveArguments(), examples
+        )
+    if data_args.max_sequence_length is None:
+        data_args.max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
     tokenizer = load_tokenizer(model_args)
     model = build_model(model_args, None)
     add_prompt_special_tokens(tokenizer, model, data_args.prompt_format)
@@ -383,7 +430,7 @@ def run_evaluation(
 
 # --- mixt5 train -----------------------------------------------------------------------------------------------------
 
-TRAIN_ARGUMENTS = (ModelArguments, DataArguments, MoEArguments, MixT5TrainingArguments)
+TRAIN_ARGUMENTS = (ModelArguments, DataArguments, MoEArguments, MixT5TrainingArguments, ExtractiveArguments)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -391,7 +438,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_train_args(argv: Sequence[str]) -> tuple[Any, ...]:
-    """`(model_args, data_args, moe_args, training_args)` of `mixt5 train ARGV`; a bad flag raises `UsageError`."""
+    """`(model_args, data_args, moe_args, training_args, extractive_args)` of `mixt5 train ARGV`; a bad flag raises
+    `UsageError`."""
     return command_parser("mixt5 train", add_arguments).parse_args_into_dataclasses(args=list(argv))
 
 

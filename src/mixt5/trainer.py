@@ -15,6 +15,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
 from ._compat import TrainerHooksMixin, batches_per_item_count, token_cross_entropy
+from .data.extractive import DEFAULT_MAX_ANSWER_LENGTH, DEFAULT_N_BEST_SIZE, postprocess_predictions
 from .data.squad import SquadExamples, TruncationStats
 from .metrics import squad_metrics
 from .model_card import write_model_card
@@ -53,6 +54,43 @@ class SquadEvaluator:
         if self.truncation is not None:
             metrics["answers_cut_by_truncation"] = self.truncation.num_answers_cut
         return metrics
+
+
+class ExtractiveEvaluator:
+    """`compute_metrics` for an encoder with a span head: start/end logits of every window → the best span of each
+    question (`postprocess_predictions`) → the official score. Same `gold` / `last_predictions` as `SquadEvaluator`.
+
+    `features` are the evaluation windows (`prepare_eval_features`) in the order Trainer evaluates them.
+    """
+
+    def __init__(
+        self,
+        examples: SquadExamples,
+        features: Any,
+        *,
+        n_best_size: int = DEFAULT_N_BEST_SIZE,
+        max_answer_length: int = DEFAULT_MAX_ANSWER_LENGTH,
+    ) -> None:
+        self.examples = examples
+        self.features = features
+        self.gold = {example.id: example.answers for example in examples}
+        self.n_best_size = n_best_size
+        self.max_answer_length = max_answer_length
+        self.last_predictions: dict[str, str] = {}
+
+    def __call__(self, eval_prediction: EvalPrediction) -> dict[str, Any]:
+        start_logits, end_logits = eval_prediction.predictions[:2]  # (num_windows, sequence_length) each
+        if len(start_logits) != len(self.features):
+            raise ValueError(f"got logits of {len(start_logits)} windows for {len(self.features)} evaluation windows")
+        self.last_predictions = postprocess_predictions(
+            self.examples,
+            self.features,
+            start_logits,
+            end_logits,
+            n_best_size=self.n_best_size,
+            max_answer_length=self.max_answer_length,
+        )
+        return {**squad_metrics(self.gold, self.last_predictions), "windows": len(self.features)}
 
 
 class ResumableLengthGroupedSampler(LengthGroupedSampler):
@@ -102,7 +140,12 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         # as Trainer does for models that take no `num_items_in_batch`.
         if self.args.n_gpu > 1:
             self.model_accepts_loss_kwargs = False
-        elif self.compute_loss_func is None and self.label_smoother is None and not self._is_moe:
+        elif (
+            self.compute_loss_func is None
+            and self.label_smoother is None
+            and not self._is_moe
+            and getattr(self.accelerator.unwrap_model(self.model).config, "is_encoder_decoder", False)
+        ):  # an encoder QA model's start/end loss is its own
             self.compute_loss_func = seq2seq_token_loss  # a stock T5's forward ignores `num_items_in_batch`
         if self.is_fsdp_enabled:
             share_t5_embedding_modules(self.accelerator.unwrap_model(self.model))
@@ -203,6 +246,31 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         if eval_dataset is None or not has_length(eval_dataset):
             return None
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None  # distributed: sharded in order
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """Score extractive predictions, which have no label ids: Trainer calls `compute_metrics` only with labels,
+        and evaluation windows have none (the answer of a question is found across its windows, after the loop).
+        As transformers' `QuestionAnsweringTrainer` example does, run the loop without it, then score the logits."""
+        evaluator = self.compute_metrics
+        if isinstance(evaluator, ExtractiveEvaluator):
+            self.compute_metrics = None
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        finally:
+            self.compute_metrics = evaluator
+        if isinstance(evaluator, ExtractiveEvaluator) and output.predictions is not None:
+            scores = evaluator(EvalPrediction(predictions=output.predictions, label_ids=None))
+            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scores.items()})
+        return output
 
     def eval_gather_function(self) -> Any:
         """Gather each question's answer once from all processes.
