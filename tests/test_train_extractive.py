@@ -50,16 +50,20 @@ def test_extractive_flags_refused_for_a_seq2seq_model(tmp_path, capsys) -> None:
     assert "--doc_stride: extractive QA flags" in capsys.readouterr().err
 
 
-def test_train_evaluate_extractive(bert_folder, reconstructed_train, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("moe_flags", [[], ["--enable_moe", "--num_experts", "4", "--moe_layers", "last:1"]])
+def test_train_evaluate_extractive(bert_folder, reconstructed_train, tmp_path, capsys, moe_flags) -> None:
     out = tmp_path / "run"
     argv = [
         "train", "--model_name_or_path", str(bert_folder), "--output_dir", str(out),
         "--train_file", str(reconstructed_train), "--validation_file", str(SAMPLE_SQUAD),
         "--max_train_samples", str(TRAIN_SAMPLES), "--max_eval_samples", str(EVAL_SAMPLES),
         *WINDOW_FLAGS, "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
-        "--learning_rate", "3e-3", "--use_cpu", "--report_to", "none", "--seed", "1",
+        "--learning_rate", "3e-3", "--use_cpu", "--report_to", "none", "--seed", "1", *moe_flags,
     ]  # fmt: skip
     assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixBertForQuestionAnswering" if moe_flags else "BertForQuestionAnswering"]
+    assert (out / "diagnostics.jsonl").is_file() == bool(moe_flags)
     metrics = json.loads((out / "metrics.json").read_text())
     train, evaluation = metrics["train"], metrics["eval"]
     assert train["train_skipped_guessed_answer_starts"] == GUESSED

@@ -55,7 +55,7 @@ from .loading import from_pretrained, load_config, model_task
 from .loading import load_tokenizer as load_pretrained_tokenizer
 from .metrics import QUESTION_SCORES_FILE, write_question_scores
 from .model_card import add_training_results
-from .modeling import MixT5PreTrainedModel
+from .modeling import MoEModelMixin
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
 from .utils import honour_umask, read_json, remove_stale_staging, staging_prefix, write_json_atomic
@@ -95,7 +95,7 @@ def build_model(
         )
     flag = "--reference_model_name_or_path" if model_args.reference_model_name_or_path else "--model_name_or_path"
     model = from_pretrained(auto_class, source, flag=flag)
-    if moe is not None and not isinstance(model, MixT5PreTrainedModel):
+    if moe is not None and not isinstance(model, MoEModelMixin):
         model = upcycle(model, moe, base_model=source)
         if command:
             model.config.upcycled_from["command"] = command  # the model card's "How it was made"
@@ -108,7 +108,7 @@ def build_model(
         )
     elif moe is not None:
         logger.info("%s is already a MixT5 model; its own MoE settings are kept.", source)
-    if model_args.experts_implementation and isinstance(model, MixT5PreTrainedModel):
+    if model_args.experts_implementation and isinstance(model, MoEModelMixin):
         model.set_experts_implementation(model_args.experts_implementation)
     return model
 
@@ -381,7 +381,7 @@ def run_training(
         trainer.log_metrics("eval", metrics["eval"])
     arguments = (model_args, data_args, *((moe_args,) if model_args.enable_moe else ()), training_args)
     _write_results(trainer, training_args.output_dir, metrics, evaluator, run_description("train", *arguments))
-    if trainer.is_world_process_zero() and isinstance(trainer.model, MixT5PreTrainedModel):
+    if trainer.is_world_process_zero() and isinstance(trainer.model, MoEModelMixin):
         add_training_results(training_args.output_dir, metrics, command)  # to the card save_pretrained wrote
     trainer.save_state()
     return metrics

@@ -30,7 +30,7 @@ from .data.sources import load_split
 from .data.squad import SquadExamples
 from .diagnostics import RoutingDiagnosticsCallback
 from .model_card import add_training_results
-from .modeling import MixT5PreTrainedModel
+from .modeling import MoEModelMixin
 from .train import _resolve_resume, _save_final, _write_results, build_model, load_tokenizer
 from .trainer import ExtractiveEvaluator, MixT5Trainer
 
@@ -141,7 +141,7 @@ def run_extractive_training(
         extractive_args,
     )
     _write_results(trainer, training_args.output_dir, metrics, evaluator, run_description("train", *arguments))
-    if trainer.is_world_process_zero() and isinstance(trainer.model, MixT5PreTrainedModel):
+    if trainer.is_world_process_zero() and isinstance(trainer.model, MoEModelMixin):
         add_training_results(training_args.output_dir, metrics, command)
     trainer.save_state()
     return metrics

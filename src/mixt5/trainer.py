@@ -19,7 +19,7 @@ from .data.extractive import DEFAULT_MAX_ANSWER_LENGTH, DEFAULT_N_BEST_SIZE, pos
 from .data.squad import SquadExamples, TruncationStats
 from .metrics import squad_metrics
 from .model_card import write_model_card
-from .modeling import MixT5PreTrainedModel, RouterOutput, expert_counts_by_layer
+from .modeling import MixT5PreTrainedModel, MoEModelMixin, RouterOutput, expert_counts_by_layer
 from .utils import honour_umask, replace_dir, staging_owner, staging_prefix
 
 
@@ -161,7 +161,7 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
 
     @property
     def _is_moe(self) -> bool:
-        return isinstance(self.accelerator.unwrap_model(self.model), MixT5PreTrainedModel)
+        return isinstance(self.accelerator.unwrap_model(self.model), MoEModelMixin)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """For a MixT5 model, the card `save_pretrained` writes (training results kept), not transformers' generic one,
@@ -182,7 +182,11 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         if not (model.training and self._is_moe):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+        if (
+            num_items_in_batch is not None
+            and self.model_accepts_loss_kwargs
+            and isinstance(unwrapped, MixT5PreTrainedModel)
+        ):
             inputs = {**inputs, "num_batches_in_step": batches_per_item_count(self)}
         with unwrapped.collect_routing() as records:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -190,9 +194,7 @@ class MixT5Trainer(TrainerHooksMixin, Seq2SeqTrainer):
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _accumulate_moe_stats(
-        self, model: MixT5PreTrainedModel, outputs: Any, records: dict[str, list[RouterOutput]]
-    ) -> None:
+    def _accumulate_moe_stats(self, model: MoEModelMixin, outputs: Any, records: dict[str, list[RouterOutput]]) -> None:
         """Add this batch's router losses, dropped assignments and dispatched assignments per expert (on the device:
         no host synchronisation per step)."""
         if outputs.get("aux_loss") is None:
