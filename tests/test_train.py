@@ -344,7 +344,7 @@ def test_overwrite_output_dir_removes_old_checkpoints_only(tmp_path):
     (out / "checkpoint-9").mkdir(parents=True)
     (out / "checkpoint-9" / "trainer_state.json").write_text('{"global_step": 9}')
     (out / "notes.txt").write_text("kept")
-    *_, training_args = parse_train_args(["--model_name_or_path", "m", "--output_dir", str(out), "--use_cpu",
-                                          "--overwrite_output_dir", "--resume_from_checkpoint", "last"])  # fmt: skip
+    training_args = parse_train_args(["--model_name_or_path", "m", "--output_dir", str(out), "--use_cpu",
+                                      "--overwrite_output_dir", "--resume_from_checkpoint", "last"])[3]  # fmt: skip
     assert _resolve_resume(training_args) is None  # a fresh run: another run's checkpoint is never resumed
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
