@@ -101,6 +101,20 @@ def test_train_evaluate_extractive(bert_folder, reconstructed_train, tmp_path, c
     assert (evaluated / "question_scores.json").is_file()
     assert json.loads((evaluated / "run.json").read_text())["command"] == "evaluate"
 
+    # `mixt5 predict` answers with the same windows and post-processing
+    rows = [{"id": e.id, "question": e.question, "context": e.context} for e in examples.values()]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = [
+        "predict", "--model_name_or_path", str(out), "--input_file", str(tmp_path / "questions.jsonl"),
+        "--output_file", str(tmp_path / "answers.jsonl"), *WINDOW_FLAGS, "--show_routing",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert {row["id"]: row["answer"] for row in answers} == predictions
+    for row in answers:
+        assert examples[row["id"]].context[row["start"] : row["end"]] == row["answer"]
+        assert ("routing" in row) == bool(moe_flags)
+
 
 def test_extractive_sequence_length_defaults_to_384(bert_folder, tmp_path) -> None:
     out = tmp_path / "eval"

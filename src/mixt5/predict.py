@@ -1,6 +1,10 @@
 """Answer questions about a context with any checkpoint, optionally showing which experts each token used.
 
 `mixt5 predict --model_name_or_path CKPT (--question Q --context C | --input_file F.jsonl [--output_file O.jsonl])`
+
+A seq2seq checkpoint generates its answer (`QAPredictor`); an encoder with a span head picks it from the context
+(`ExtractiveQAPredictor`: sliding windows and n-best spans, as `mixt5 evaluate` scores them). `load_predictor` picks
+by the model, as training does.
 """
 
 from __future__ import annotations
@@ -12,12 +16,25 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .commands import add_dataclass_arguments, dataclasses_from_namespace
-from .data.squad import PromptFormat, format_prompt
-from .loading import from_pretrained, load_tokenizer
-from .modeling import MixT5PreTrainedModel, layer_name
+from .data.extractive import (
+    DEFAULT_DOC_STRIDE,
+    DEFAULT_MAX_ANSWER_LENGTH,
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    DEFAULT_N_BEST_SIZE,
+    best_answer_spans,
+    prepare_eval_features,
+)
+from .data.squad import PromptFormat, SquadExample, format_prompt
+from .loading import from_pretrained, load_config, load_tokenizer, model_task
+from .modeling import MoEModelMixin, layer_name
 from .modeling.router import RouterOutput
 from .utils import check_output_path
 
@@ -67,7 +84,11 @@ class QAPredictor:
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.model, MixT5PreTrainedModel)
+        return isinstance(self.model, MoEModelMixin)
+
+    def count_input_tokens(self, question: str, context: str, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
+        """Tokens of the model input for one question (what `max_source_length` cuts)."""
+        return len((tokenizer or self.tokenizer)(format_prompt(question, context, self.prompt_format))["input_ids"])
 
     @torch.no_grad()
     def answer(
@@ -110,14 +131,8 @@ class QAPredictor:
         layer_names = {"encoder": [], "decoder": []}
         for stack, block, _ in self.model.sparse_layers():
             layer_names[stack].append(layer_name(stack, block))
-        batch_size, src_len = inputs["input_ids"].shape
-        num_inputs = int(inputs["attention_mask"][row].sum())
-        input_tokens = self.tokenizer.convert_ids_to_tokens(inputs["input_ids"][row, :num_inputs].tolist())
-        routing: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder": []}
-        for name, record in zip(layer_names["encoder"], records["encoder"], strict=True):
-            index = record.expert_index.view(batch_size, src_len, -1)[row, :num_inputs]
-            weight = record.expert_weights.view(batch_size, src_len, -1)[row, :num_inputs]
-            routing["encoder"].append(_layer_routing(name, input_tokens, index, weight, num_experts).to_dict())
+        routing = {"encoder": _encoder_routing(self.model, self.tokenizer, records, inputs, row), "decoder": []}
+        batch_size = inputs["input_ids"].shape[0]
         # decoder: one record per layer per generation step; step t's routing produced output token t
         generated = sequences[row, 1:].tolist()
         stop = self.tokenizer.eos_token_id
@@ -136,6 +151,127 @@ class QAPredictor:
                 _layer_routing(name, output_tokens[: len(steps)], index, weight, num_experts).to_dict()
             )
         return routing
+
+
+def _encoder_routing(
+    model: Any, tokenizer: PreTrainedTokenizerBase, records: dict[str, list[RouterOutput]], inputs: Any, row: int
+) -> list[dict[str, Any]]:
+    """Per encoder MoE layer, the experts of each (non-padding) input token of batch row `row`."""
+    names = [layer_name(stack, block) for stack, block, _ in model.sparse_layers() if stack == "encoder"]
+    batch_size, src_len = inputs["input_ids"].shape
+    num_inputs = int(inputs["attention_mask"][row].sum())
+    input_tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][row, :num_inputs].tolist())
+    layers = []
+    for name, record in zip(names, records["encoder"], strict=True):
+        index = record.expert_index.view(batch_size, src_len, -1)[row, :num_inputs]
+        weight = record.expert_weights.view(batch_size, src_len, -1)[row, :num_inputs]
+        layers.append(_layer_routing(name, input_tokens, index, weight, model.config.num_experts).to_dict())
+    return layers
+
+
+class ExtractiveQAPredictor(QAPredictor):
+    """`QAPredictor`'s interface for an encoder with a span head (e.g. `BertForQuestionAnswering`): each context is
+    cut into windows of `max_source_length` tokens sharing `doc_stride`, and the best span over all windows
+    (`best_answer_spans`, at most `max_answer_length` tokens) is the answer. `max_length` / `num_beams` mean nothing
+    here and are ignored. Results also give the answer's character `start` / `end` in the context and its `score`;
+    the routing shown is that of the question's first window (encoder layers only)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        max_source_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        doc_stride: int = DEFAULT_DOC_STRIDE,
+        n_best_size: int = DEFAULT_N_BEST_SIZE,
+        max_answer_length: int = DEFAULT_MAX_ANSWER_LENGTH,
+        device: str | None = None,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **unused: Any,  # QAPredictor's generation settings (prompt_format, max_length, num_beams)
+    ) -> None:
+        if min(max_source_length, doc_stride, n_best_size, max_answer_length) < 1:
+            raise ValueError(
+                f"max_source_length={max_source_length}, doc_stride={doc_stride}, n_best_size={n_best_size}, "
+                f"max_answer_length={max_answer_length}: each must be >= 1."
+            )
+        self.tokenizer = tokenizer or load_tokenizer(model_name_or_path)
+        self.model = model or from_pretrained(AutoModelForQuestionAnswering, model_name_or_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device).eval()
+        self.model_name = model_name_or_path
+        self.prompt_format = None  # the tokenizer pairs question and context itself
+        self.max_source_length = max_source_length
+        self.doc_stride = doc_stride
+        self.n_best_size = n_best_size
+        self.max_answer_length = max_answer_length
+        self.max_length, self.num_beams = unused.get("max_length", 30), 1
+
+    def count_input_tokens(self, question: str, context: str, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
+        return len((tokenizer or self.tokenizer)(question, context)["input_ids"])
+
+    @torch.no_grad()
+    def answer(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        *,
+        show_routing: bool = False,
+        max_length: int | None = None,
+        num_beams: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """One `{"answer", "start", "end", "score"}` per question (plus `"routing"` with `show_routing` on an MoE
+        model); an empty answer (start and end -1) where no window holds a valid span."""
+        if len(questions) != len(contexts):
+            raise ValueError(f"got {len(questions)} questions but {len(contexts)} contexts")
+        examples = [
+            SquadExample(str(i), q, c, [], []) for i, (q, c) in enumerate(zip(questions, contexts, strict=True))
+        ]
+        features, _ = prepare_eval_features(
+            examples, self.tokenizer, max_sequence_length=self.max_source_length, doc_stride=self.doc_stride
+        )
+        names = [name for name in self.tokenizer.model_input_names if name in features.column_names]
+        inputs = self.tokenizer.pad(features.select_columns(names).to_dict(), return_tensors="pt").to(self.device)
+        records = None
+        if show_routing and self.is_moe:
+            with self.model.collect_routing() as records:
+                outputs = self.model(**inputs)
+        else:
+            outputs = self.model(**inputs)
+        spans = best_answer_spans(
+            examples,
+            features,
+            outputs.start_logits.float().cpu().numpy(),  # (num_windows, sequence_length)
+            outputs.end_logits.float().cpu().numpy(),
+            n_best_size=self.n_best_size,
+            max_answer_length=self.max_answer_length,
+        )
+        window_ids = features["example_id"]
+        results = []
+        for example in examples:
+            span = spans[example.id]
+            result: dict[str, Any] = (
+                {"answer": "", "start": -1, "end": -1, "score": None}
+                if span is None
+                else {"answer": span.text, "start": span.start, "end": span.end, "score": round(span.score, 4)}
+            )
+            if records is not None:
+                row = window_ids.index(example.id)
+                encoder = _encoder_routing(self.model, self.tokenizer, records, inputs, row)
+                result["routing"] = {"encoder": encoder, "decoder": []}  # an encoder has no decoder layers
+            results.append(result)
+        return results
+
+
+def load_predictor(model_name_or_path: str, *, task: str = "auto", **kwargs: Any) -> QAPredictor:
+    """The predictor for the checkpoint's task (`mixt5.loading.model_task`, or `task`): generative or extractive."""
+    if task == "auto":
+        task = model_task(load_config(model_name_or_path), flag=f"--model_name_or_path {model_name_or_path}")
+    if task == "extractive":
+        return ExtractiveQAPredictor(model_name_or_path, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("doc_stride", "n_best_size", "max_answer_length")}
+    if kwargs.get("max_source_length") is None:
+        kwargs.pop("max_source_length", None)
+    return QAPredictor(model_name_or_path, **kwargs)
 
 
 def _layer_routing(
@@ -177,15 +313,34 @@ class PredictArguments:
     show_routing: bool = field(default=False, metadata={"help": "Also show the experts each token went to."})
     batch_size: int = field(default=16, metadata={"help": "Questions per generate() call."})
     prompt_format: Literal["t5", "seed"] = field(default="t5", metadata={"help": "t5 or seed, as in training."})
-    max_sequence_length: int = field(default=512, metadata={"help": "Input tokens kept."})
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={"help": "Input tokens kept (default 512); extractive: tokens per window (default 384)."},
+    )
     generation_max_length: int = field(default=30, metadata={"help": "Max answer tokens."})
     generation_num_beams: int = field(default=1, metadata={"help": "Beams (1: greedy)."})
+    task: Literal["auto", "generative", "extractive"] = field(
+        default="auto", metadata={"help": "generative | extractive; auto: follows from the model."}
+    )
+    doc_stride: int = field(default=DEFAULT_DOC_STRIDE, metadata={"help": "Extractive: tokens windows share."})
+    n_best_size: int = field(default=DEFAULT_N_BEST_SIZE, metadata={"help": "Extractive: best starts/ends tried."})
+    max_answer_length: int = field(
+        default=DEFAULT_MAX_ANSWER_LENGTH, metadata={"help": "Extractive: longest answer, in tokens."}
+    )
 
     def __post_init__(self) -> None:
         if self.output_file is not None:
             check_output_path(self.output_file, "--output_file", is_dir=False)
-        for name in ("batch_size", "max_sequence_length", "generation_max_length", "generation_num_beams"):
-            if getattr(self, name) < 1:
+        for name in (
+            "batch_size",
+            "max_sequence_length",
+            "generation_max_length",
+            "generation_num_beams",
+            "doc_stride",
+            "n_best_size",
+            "max_answer_length",
+        ):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
 
 
@@ -221,12 +376,16 @@ def run(args: argparse.Namespace) -> int:
     if args.input_file is None and (args.question is None or args.context is None):
         raise ValueError("give --question and --context, or --input_file (with --output_file).")
     rows = _read_questions(args.input_file) if args.input_file else None
-    predictor = QAPredictor(
+    predictor = load_predictor(
         args.model_name_or_path,
+        task=args.task,
         prompt_format=args.prompt_format,
-        max_source_length=args.max_sequence_length,
         max_length=args.generation_max_length,
         num_beams=args.generation_num_beams,
+        doc_stride=args.doc_stride,
+        n_best_size=args.n_best_size,
+        max_answer_length=args.max_answer_length,
+        **({} if args.max_sequence_length is None else {"max_source_length": args.max_sequence_length}),
     )
     if rows is None:
         (result,) = predictor.answer([args.question], [args.context], show_routing=args.show_routing)

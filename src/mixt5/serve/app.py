@@ -24,8 +24,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.squad import format_prompt, load_squad_json
-from ..predict import QAPredictor
+from ..data.squad import load_squad_json
+from ..predict import QAPredictor, load_predictor
 from .batcher import ClientGoneError, MicroBatcher, QueueFullError
 from .schemas import AnswerRequest, AnswerResponse, Example, Health
 from .settings import GenerationDefaults, ServeArguments, generation_defaults
@@ -89,8 +89,7 @@ class AnswerService:
                 raise LimitExceededError(
                     f"{where}{name} has {len(text)} characters; the limit is {flag}={limit}", flag, limit
                 )
-        prompt = format_prompt(request.question, request.context, self.predictor.prompt_format)
-        num_tokens = len(self._measuring_tokenizer(prompt)["input_ids"])
+        num_tokens = self.predictor.count_input_tokens(request.question, request.context, self._measuring_tokenizer)
         if num_tokens > args.max_sequence_length:
             raise LimitExceededError(
                 f"{where}question and context are {num_tokens} tokens; the limit is "
@@ -256,7 +255,7 @@ def create_app(args: ServeArguments, predictor: QAPredictor | None = None) -> Fa
     """The app for `args`; pass a ready `predictor` to reuse a loaded model (tests, notebooks)."""
     defaults = generation_defaults(args)
     if predictor is None:
-        predictor = QAPredictor(
+        predictor = load_predictor(  # an encoder QA model: max_sequence_length is also its window
             args.model_name_or_path,
             prompt_format=args.prompt_format,
             max_source_length=args.max_sequence_length,
