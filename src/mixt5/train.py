@@ -58,7 +58,7 @@ from .model_card import add_training_results
 from .modeling import MoEModelMixin
 from .trainer import MixT5Trainer, SquadEvaluator
 from .upcycle import upcycle
-from .utils import honour_umask, read_json, remove_stale_staging, staging_prefix, write_json_atomic
+from .utils import honour_umask, is_staging, read_json, remove_stale_staging, staging_prefix, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ def _resolve_resume(training_args: MixT5TrainingArguments) -> str | None:
     if training_args.should_save:
         for name in STAGED_OUTPUTS:
             remove_stale_staging(output_dir, name)
-    entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    # staging of other processes (or of this run's process 0, which may not have removed it yet) is not content
+    entries = sorted(p.name for p in output_dir.iterdir() if not is_staging(p.name)) if output_dir.is_dir() else []
     if training_args.overwrite_output_dir:
         if training_args.should_save:
             for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):

@@ -96,6 +96,11 @@ def staging_prefix(name: str, owner: str | None = None) -> str:
 STAGING_SUFFIXES = (".partial", ".tmp", ".old")
 
 
+def is_staging(name: str) -> bool:
+    """Whether a file or folder name is one of a staging entry (`.NAME.OWNER.RANDOM.partial|.tmp|.old`)."""
+    return name.startswith(".") and name.endswith(STAGING_SUFFIXES) and len(name[1:].rsplit(".", 3)) == 4
+
+
 def _owner_is_gone(owner: str) -> bool:
     host, _, pid = owner.rpartition("-")
     if host != socket.gethostname().replace(".", "_") or not pid.isdigit():
@@ -121,11 +126,10 @@ def remove_stale_staging(directory: str | os.PathLike, name: str = "*") -> list[
         return []
     removed = []
     for entry in directory.iterdir():
-        stem = entry.name
-        if not stem.startswith(".") or not stem.endswith(STAGING_SUFFIXES):
+        if not is_staging(entry.name):
             continue
-        parts = stem[1:].rsplit(".", 3)  # NAME (may hold dots), OWNER, random, suffix
-        if len(parts) != 4 or not fnmatch.fnmatchcase(parts[0], name) or not _owner_is_gone(parts[1]):
+        parts = entry.name[1:].rsplit(".", 3)  # NAME (may hold dots), OWNER, random, suffix
+        if not fnmatch.fnmatchcase(parts[0], name) or not _owner_is_gone(parts[1]):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -65,7 +65,7 @@ class BoundedH11Protocol(H11Protocol):
         self.request_read_task = None
         if self.transport.is_closing():
             return
-        logger.warning(
+        logger.info(  # not a warning: a slow-client flood must not flood the log too
             "%s: closed the connection: no whole request within %g s (--timeout_request_read).",
             f"{self.client[0]}:{self.client[1]}" if self.client else "client",
             self.request_read_timeout,
