@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from mixt5 import MoEConfig, upcycle
 from mixt5.arguments import ModelArguments, per_device_batch_size, read_engine_config
@@ -317,11 +318,26 @@ RECORDING_TRAINER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """The tiny QA model with dropout off, so that 1 and 2 processes compute the same function."""
+    """The tiny QA model with dropout off, so that 1 and 2 processes compute the same function, stored as published
+    t5-v1.1 checkpoints are: `tie_word_embeddings: false` and an `lm_head.weight` of its own, so that every
+    distributed path (DDP, ZeRO-2, ZeRO-3) has to keep the separate head."""
     path = save_tiny_qa_model(tmp_path_factory.mktemp("model") / "dense")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0}))
+    (path / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0, "tie_word_embeddings": False}))
+    weights = load_file(path / "model.safetensors")
+    generator = torch.Generator().manual_seed(7)
+    weights["lm_head.weight"] = torch.randn(weights["shared.weight"].shape, generator=generator)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def _assert_separate_trained_head(run: Path, dense: Path) -> None:
+    """The trained model saved its own `lm_head`, trained apart from `shared`."""
+    trained, initial = load_file(run / "model.safetensors"), load_file(dense / "model.safetensors")
+    assert json.loads((run / "config.json").read_text())["tie_word_embeddings"] is False
+    assert not torch.equal(trained["lm_head.weight"], trained["shared.weight"])
+    for name in ("lm_head.weight", "shared.weight"):
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not train"
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +381,7 @@ def test_accelerate_launch_two_processes_trains_like_one(tiny_model, single_proc
     expected = json.loads((single_process_run / "predictions.json").read_text())
     assert list(predictions) == list(expected)  # each question once, in order, none lost to the padded last batch
     assert json.loads((out / "metrics.json").read_text())["eval"]["eval_num_questions"] == EVAL_QUESTIONS
+    _assert_separate_trained_head(out, tiny_model)
 
 
 @pytest.mark.slow
@@ -402,7 +419,7 @@ def test_deepspeed_two_processes_start_and_train_like_one(tiny_model, single_pro
     env = {"RANK_RECORDS": str(records), "DEEPSPEED_ON_CPU": "1"}
     (_accelerate_launch if stage == "zero2" else _torchrun)(*argv, env=env)  # both launchers take the same flags
     _assert_same_losses(out, single_process_run)
-    assert (out / "model.safetensors").is_file()
+    _assert_separate_trained_head(out, tiny_model)
     assert len(json.loads((out / "predictions.json").read_text())) == EVAL_QUESTIONS
 
 
