@@ -6,8 +6,9 @@ import json
 import shutil
 
 import pytest
-from transformers import BertConfig, T5Config
+from transformers import AutoModelForQuestionAnswering, BertConfig, T5Config
 
+from mixt5 import MoEConfig, upcycle
 from mixt5.cli import main
 from mixt5.data.squad import load_squad_json
 from mixt5.loading import model_task
@@ -114,6 +115,19 @@ def test_train_evaluate_extractive(bert_folder, reconstructed_train, tmp_path, c
     for row in answers:
         assert examples[row["id"]].context[row["start"] : row["end"]] == row["answer"]
         assert ("routing" in row) == bool(moe_flags)
+
+
+def test_moe_flags_refused_for_an_upcycled_encoder(bert_folder, tmp_path, capsys) -> None:
+    moe = upcycle(
+        AutoModelForQuestionAnswering.from_pretrained(bert_folder), MoEConfig(num_experts=2, moe_layers="all")
+    )
+    moe.save_pretrained(tmp_path / "moe")
+    argv = [
+        "train", "--model_name_or_path", str(tmp_path / "moe"), "--train_file", str(SAMPLE_SQUAD),
+        "--output_dir", str(tmp_path / "out"), "--enable_moe", "--num_experts", "4", "--use_cpu",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert "is already a MixT5 model" in capsys.readouterr().err
 
 
 def test_extractive_sequence_length_defaults_to_384(bert_folder, tmp_path) -> None:

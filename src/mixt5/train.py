@@ -46,7 +46,7 @@ from .arguments import (
     run_description,
 )
 from .commands import add_dataclass_arguments, command_parser, dataclasses_from_namespace
-from .config import MixT5Config, MoEConfig, non_default_fields
+from .config import MoEConfig, MoESettingsMixin, non_default_fields
 from .data.extractive import ExtractiveArguments
 from .data.sources import load_split
 from .data.squad import SquadExamples, add_prompt_special_tokens, examples_to_dataset, tokenize_dataset
@@ -86,7 +86,7 @@ def build_model(
     if (
         moe is not None
         and is_deepspeed_zero3_enabled()
-        and AutoConfig.from_pretrained(source).model_type != MixT5Config.model_type
+        and not isinstance(AutoConfig.from_pretrained(source), MoESettingsMixin)
     ):
         # ZeRO-3 loads each process's shard only: there are no whole dense weights to copy into experts
         raise ValueError(
@@ -174,7 +174,7 @@ def _check_moe_flags(model_args: ModelArguments, moe_args: Any) -> None:
         raise ValueError(f"{' '.join(given)}: MoE flags act only with --enable_moe; add --enable_moe, or drop them.")
     source = model_args.reference_model_name_or_path or model_args.model_name_or_path
     flag = "--reference_model_name_or_path" if model_args.reference_model_name_or_path else "--model_name_or_path"
-    if load_config(source, flag=flag).model_type == MixT5Config.model_type:
+    if isinstance(load_config(source, flag=flag), MoESettingsMixin):  # any family's MoE checkpoint
         raise ValueError(
             f"{flag} {source} is already a MixT5 model and keeps its own MoE settings (the 'moe' block of its "
             f"config.json), so {' '.join(given)} would be ignored: drop them, or train its dense source with them."
