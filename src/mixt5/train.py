@@ -367,23 +367,34 @@ def run_training(
         callbacks=[*callbacks, RoutingDiagnosticsCallback()],  # a no-op for dense models
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics: dict[str, Any] = {
-        "train": {
-            **train_result.metrics,
-            "train_samples": len(train_examples),
-            "train_answers_cut_by_truncation": train_stats.num_answers_cut,
-        }
+    train_metrics = {
+        **train_result.metrics,
+        "train_samples": len(train_examples),
+        "train_answers_cut_by_truncation": train_stats.num_answers_cut,
     }
-    _save_final(trainer, training_args.output_dir)
-    if eval_features is not None:
-        metrics["eval"] = trainer.evaluate()
-    trainer.log_metrics("train", metrics["train"])
-    if "eval" in metrics:
-        trainer.log_metrics("eval", metrics["eval"])
     arguments = (model_args, data_args, *((moe_args,) if model_args.enable_moe else ()), training_args)
-    _write_results(trainer, training_args.output_dir, metrics, evaluator, run_description("train", *arguments))
+    return finish_training(trainer, train_metrics, evaluator, run_description("train", *arguments), command)
+
+
+def finish_training(
+    trainer: MixT5Trainer,
+    train_metrics: dict[str, Any],
+    evaluator: Any | None,
+    description: dict[str, Any],
+    command: str | None,
+) -> dict[str, Any]:
+    """After `trainer.train()`, for either task: save the final model, evaluate it when there is an evaluation set
+    (`evaluator`), log, write the run's files and add the metrics to the model card of an MoE model."""
+    metrics: dict[str, Any] = {"train": train_metrics}
+    output_dir = trainer.args.output_dir
+    _save_final(trainer, output_dir)
+    if evaluator is not None:
+        metrics["eval"] = trainer.evaluate()
+    for split, values in metrics.items():
+        trainer.log_metrics(split, values)
+    _write_results(trainer, output_dir, metrics, evaluator, description)
     if trainer.is_world_process_zero() and isinstance(trainer.model, MoEModelMixin):
-        add_training_results(training_args.output_dir, metrics, command)  # to the card save_pretrained wrote
+        add_training_results(output_dir, metrics, command)  # to the card save_pretrained wrote
     trainer.save_state()
     return metrics
 

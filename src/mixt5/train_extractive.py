@@ -29,9 +29,7 @@ from .data.extractive import (
 from .data.sources import load_split
 from .data.squad import SquadExamples
 from .diagnostics import RoutingDiagnosticsCallback
-from .model_card import add_training_results
-from .modeling import MoEModelMixin
-from .train import _resolve_resume, _save_final, _write_results, build_model, load_tokenizer
+from .train import _resolve_resume, _write_results, build_model, finish_training, load_tokenizer
 from .trainer import ExtractiveEvaluator, MixT5Trainer
 
 logger = logging.getLogger(__name__)
@@ -118,21 +116,13 @@ def run_extractive_training(
         callbacks=[*callbacks, RoutingDiagnosticsCallback()],  # a no-op for dense models
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics: dict[str, Any] = {
-        "train": {
-            **train_result.metrics,
-            "train_samples": skips.num_examples,
-            **skips.as_metrics(),
-            "train_windows": windows.num_features,
-            "train_answers_in_no_window": windows.num_answers_in_no_window,
-        }
+    train_metrics = {
+        **train_result.metrics,
+        "train_samples": skips.num_examples,
+        **skips.as_metrics(),
+        "train_windows": windows.num_features,
+        "train_answers_in_no_window": windows.num_answers_in_no_window,
     }
-    _save_final(trainer, training_args.output_dir)
-    if eval_features is not None:
-        metrics["eval"] = trainer.evaluate()
-    trainer.log_metrics("train", metrics["train"])
-    if "eval" in metrics:
-        trainer.log_metrics("eval", metrics["eval"])
     arguments = (
         model_args,
         data_args,
@@ -140,11 +130,7 @@ def run_extractive_training(
         training_args,
         extractive_args,
     )
-    _write_results(trainer, training_args.output_dir, metrics, evaluator, run_description("train", *arguments))
-    if trainer.is_world_process_zero() and isinstance(trainer.model, MoEModelMixin):
-        add_training_results(training_args.output_dir, metrics, command)
-    trainer.save_state()
-    return metrics
+    return finish_training(trainer, train_metrics, evaluator, run_description("train", *arguments), command)
 
 
 def run_extractive_evaluation(
