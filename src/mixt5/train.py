@@ -330,19 +330,9 @@ def run_training(
         return run_extractive_training(
             model_args, data_args, moe_args, training_args, extractive_args or ExtractiveArguments(), callbacks, command
         )
-    if data_args.max_sequence_length is None:
-        data_args.max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
-    resume = _resolve_resume(training_args)
-    set_seed(training_args.seed)
-    train_examples = load_split(data_args, "train")
-    eval_examples = load_split(data_args, "validation")
-    if eval_examples is None and training_args.eval_strategy != "no":
-        logger.info("No validation data: evaluation and best-checkpoint selection are off.")
-        training_args.eval_strategy = "no"
-        training_args.load_best_model_at_end = False
-
-    tokenizer = load_tokenizer(model_args)
-    moe = moe_config_from_arguments(moe_args, training_args.seed) if model_args.enable_moe else None
+    resume, train_examples, eval_examples, tokenizer, moe = start_training(
+        model_args, data_args, moe_args, training_args, DEFAULT_MAX_SEQUENCE_LENGTH
+    )
     model = build_model(model_args, moe, command)
     add_prompt_special_tokens(tokenizer, model, data_args.prompt_format)
 
@@ -374,6 +364,31 @@ def run_training(
     }
     arguments = (model_args, data_args, *((moe_args,) if model_args.enable_moe else ()), training_args)
     return finish_training(trainer, train_metrics, evaluator, run_description("train", *arguments), command)
+
+
+def start_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    moe_args: Any,
+    training_args: MixT5TrainingArguments,
+    default_max_sequence_length: int,
+) -> tuple[str | None, SquadExamples, SquadExamples | None, PreTrainedTokenizerBase, MoEConfig | None]:
+    """What a run does first, for either task: the task's default `--max_sequence_length`, the checkpoint to resume
+    from, the seed, the splits (evaluation and best-checkpoint selection off without validation data), the tokenizer
+    and the MoE settings (None unless `--enable_moe`)."""
+    if data_args.max_sequence_length is None:
+        data_args.max_sequence_length = default_max_sequence_length
+    resume = _resolve_resume(training_args)
+    set_seed(training_args.seed)
+    train_examples = load_split(data_args, "train")
+    eval_examples = load_split(data_args, "validation")
+    if eval_examples is None and training_args.eval_strategy != "no":
+        logger.info("No validation data: evaluation and best-checkpoint selection are off.")
+        training_args.eval_strategy = "no"
+        training_args.load_best_model_at_end = False
+    tokenizer = load_tokenizer(model_args)
+    moe = moe_config_from_arguments(moe_args, training_args.seed) if model_args.enable_moe else None
+    return resume, train_examples, eval_examples, tokenizer, moe
 
 
 def finish_training(

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, TrainerCallback, set_seed
+from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, TrainerCallback
 
-from .arguments import DataArguments, MixT5TrainingArguments, ModelArguments, moe_config_from_arguments, run_description
+from .arguments import DataArguments, MixT5TrainingArguments, ModelArguments, run_description
 from .data.extractive import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     ExtractiveArguments,
@@ -26,10 +26,9 @@ from .data.extractive import (
     prepare_eval_features,
     prepare_train_features,
 )
-from .data.sources import load_split
 from .data.squad import SquadExamples
 from .diagnostics import RoutingDiagnosticsCallback
-from .train import _resolve_resume, _write_results, build_model, finish_training, load_tokenizer
+from .train import _write_results, build_model, finish_training, load_tokenizer, start_training
 from .trainer import ExtractiveEvaluator, MixT5Trainer
 
 logger = logging.getLogger(__name__)
@@ -75,22 +74,12 @@ def run_extractive_training(
     command: str | None = None,
 ) -> dict[str, Any]:
     """`mixt5.train.run_training` for an encoder QA model; returns `{"train": ..., "eval": ...}` metrics."""
-    if data_args.max_sequence_length is None:
-        data_args.max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
     _extractive_training_args(training_args)
-    resume = _resolve_resume(training_args)
-    set_seed(training_args.seed)
-    train_examples = load_split(data_args, "train")
+    resume, train_examples, eval_examples, tokenizer, moe = start_training(
+        model_args, data_args, moe_args, training_args, DEFAULT_MAX_SEQUENCE_LENGTH
+    )
     answer_starts_file = extractive_args.skip_answer_starts_file or find_answer_starts_file(data_args.train_file)
     train_examples, skips = drop_unknown_answer_starts(train_examples, answer_starts_file)
-    eval_examples = load_split(data_args, "validation")
-    if eval_examples is None and training_args.eval_strategy != "no":
-        logger.info("No validation data: evaluation and best-checkpoint selection are off.")
-        training_args.eval_strategy = "no"
-        training_args.load_best_model_at_end = False
-
-    tokenizer = load_tokenizer(model_args)
-    moe = moe_config_from_arguments(moe_args, training_args.seed) if model_args.enable_moe else None
     model = build_model(model_args, moe, command, auto_class=AutoModelForQuestionAnswering)
 
     with training_args.main_process_first(desc="tokenising"):
