@@ -106,8 +106,8 @@ def test_builtin_specs_are_valid_and_follow_the_study(tmp_path):
     table1 = sweep.plan_sweep(specs["seed-table-1"], tmp_path)
     assert [(run.arm, run.seed, run.command) for run in table1] == [
         ("pretrain-only", 42, "evaluate"),
-        *[(arm, seed, "train") for arm in ("simple-ft", "moe-ft", "moe-ft-mixt5-defaults") for seed in (42, 43, 44)],
-    ]
+        *[(arm, seed, "train") for seed in (42, 43, 44) for arm in ("simple-ft", "moe-ft", "moe-ft-mixt5-defaults")],
+    ]  # seed by seed: a sweep stopped part-way has every arm at the same seeds
     study = (
         "--model_name_or_path google/t5-v1_1-base --dataset_name squad --learning_rate 1e-05 --num_train_epochs 10 "
         "--per_device_train_batch_size 8 --gradient_accumulation_steps 2 --per_device_eval_batch_size 64 "
@@ -243,7 +243,7 @@ def test_finished_runs_are_skipped_and_half_finished_ones_resumed(tmp_path, monk
     printed = capsys.readouterr().out
     assert "[2/5] dense seed 1: done, skipped" in printed and "[5/5] moe seed 2: resuming" in printed
     ran = [(c[c.index("--output_dir") + 1].split("/runs/")[1]) for c in calls]
-    assert ran == ["base/seed-1", "dense/seed-2", "moe/seed-1", "moe/seed-2"]
+    assert ran == ["base/seed-1", "moe/seed-1", "dense/seed-2", "moe/seed-2"]  # seed by seed
     assert all(c[:3] == [sys.executable, "-m", "mixt5"] for c in calls)
     assert all(c[-2:] == ["--resume_from_checkpoint", "last"] for c in calls if c[3] == "train")
     assert {"results.md", "results.csv", "results.json"} <= {p.name for p in out.iterdir()}

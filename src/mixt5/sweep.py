@@ -306,7 +306,11 @@ def _flag_names(field: dataclasses.Field) -> list[str]:
 
 
 def plan_sweep(spec: SweepSpec, output_dir: str | os.PathLike) -> list[PlannedRun]:
-    """Every run of the sweep with its full argument list, validated by the commands' parsers; no side effects."""
+    """Every run of the sweep with its full argument list, validated by the commands' parsers; no side effects.
+
+    Runs come seed by seed (each arm's first seed, then each arm's second, ...), so a sweep stopped part-way has
+    every arm at the same seeds and its paired comparisons stay meaningful.
+    """
     output_dir = Path(output_dir)
     runs = []
     for arm in spec.arms:
@@ -320,7 +324,9 @@ def plan_sweep(spec: SweepSpec, output_dir: str | os.PathLike) -> list[PlannedRu
             run = PlannedRun(arm.name, seed, arm.command, run_dir, tuple(argv))
             _check_run(run)
             runs.append(run)
-    return runs
+    seed_index = {(arm.name, seed): index for arm in spec.arms for index, seed in enumerate(spec.seeds_of(arm))}
+    arm_index = {arm.name: index for index, arm in enumerate(spec.arms)}
+    return sorted(runs, key=lambda run: (seed_index[run.arm, run.seed], arm_index[run.arm]))
 
 
 def prepare_data(runs: Sequence[PlannedRun], output_dir: str | os.PathLike) -> None:
