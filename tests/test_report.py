@@ -118,6 +118,39 @@ def test_sweep_statistics_match_a_hand_computation(tmp_path):
     assert "![EM and F1 per arm](plots/scores.png)" in report and (out / "plots" / "scores.png").stat().st_size > 1000
 
 
+def test_time_per_arm_leaves_out_resumed_runs(tmp_path):
+    out, _ = _fake_sweep(tmp_path)
+    seconds = {("dense", 1): 100.0, ("dense", 2): 120.0, ("moe", 1): 150.0, ("moe", 2): 170.0, ("moe", 3): 30.0}
+    for (arm, seed), train_seconds in seconds.items():
+        path = out / "runs" / arm / f"seed-{seed}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["train"] = {"train_runtime": train_seconds, "train_loss": 1.0}
+        metrics["eval"]["eval_runtime"] = train_seconds / 10
+        if (arm, seed) == ("moe", 3):  # resumed: the Trainer timed only the part after checkpoint-2
+            metrics["train"]["train_resumed_from"] = "checkpoint-2"
+        write_json_atomic(path, metrics)
+    base_metrics = out / "runs" / "base" / "seed-1" / "metrics.json"  # `mixt5 evaluate` writes its metrics flat
+    write_json_atomic(base_metrics, {**json.loads(base_metrics.read_text()), "eval_runtime": 9.0})
+    assert main(["report", str(out)]) == 0
+
+    rows = _csv(out / "results.csv")
+    assert float(rows["base"]["eval_seconds_mean"]) == 9.0
+    assert float(rows["dense"]["train_seconds_mean"]) == pytest.approx(110.0)
+    assert float(rows["moe"]["train_seconds_mean"]) == pytest.approx(160.0)  # 30 s of the resumed run left out
+    assert int(rows["moe"]["train_seconds_timed_runs"]) == 2 and int(rows["moe"]["eval_seconds_timed_runs"]) == 3
+    assert float(rows["moe"]["eval_seconds_mean"]) == pytest.approx((15.0 + 17.0 + 3.0) / 3)
+    assert rows["base"]["train_seconds_mean"] == "" and int(rows["base"]["train_seconds_timed_runs"]) == 0
+    half_width = scipy_stats.t.ppf(0.975, df=1) * scipy_stats.sem([150.0, 170.0])
+    for name in ("results.md", "report.md"):
+        text = (out / name).read_text()
+        assert "## Time per run" in text and "| Arm | Training (s) | Training × dense |" in text
+        assert f"| moe | 160 ± {half_width:.0f} | {160 / 110:.2f} | 12 ± " in text and " | 2/3, 3/3 |" in text
+        assert "| base | — | — | 9 (n=1: no CI) | 0/1, 1/1 |" in text
+        assert "| dense | 110 ± " in text and "| 1.00 |" in text
+    per_run = {r["seed"]: r for r in json.loads((out / "results.json").read_text())["arms"][2]["runs"]}
+    assert per_run[1]["train_seconds"] == 150.0 and per_run[3]["train_seconds"] is None
+
+
 def test_missing_runs_are_named_and_the_rest_reported(tmp_path, capsys):
     out, correct = _fake_sweep(tmp_path, {("moe", 2): "no predictions", ("moe", 3): "partial", ("base", 1): "partial"})
     assert main(["report", str(out)]) == 0

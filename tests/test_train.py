@@ -288,6 +288,11 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_qa_model, straight_run, tmp
     straight_eval = json.loads((straight_run / "metrics.json").read_text())["eval"]
     for key in ("eval_exact_match", "eval_f1", "eval_loss"):
         assert resumed_eval[key] == pytest.approx(straight_eval[key], rel=1e-5)
+    # a resumed run says so: its train_runtime timed only the part after the checkpoint (reports leave it out)
+    resumed_train = json.loads((resumed_dir / "metrics.json").read_text())["train"]
+    whole = "checkpoint-6" if kill_at in ("rotate", "results") else "checkpoint-3"  # the newest whole checkpoint
+    assert resumed_train["train_resumed_from"] == whole
+    assert "train_resumed_from" not in json.loads((straight_run / "metrics.json").read_text())["train"]
     predictions = [json.loads((run / "predictions.json").read_text()) for run in (resumed_dir, straight_run)]
     assert predictions[0] == predictions[1]
 

@@ -68,6 +68,7 @@ def test_train_evaluate_extractive(bert_folder, reconstructed_train, tmp_path, c
     metrics = json.loads((out / "metrics.json").read_text())
     train, evaluation = metrics["train"], metrics["eval"]
     assert train["train_skipped_guessed_answer_starts"] == GUESSED
+    assert train["train_runtime"] > 0 and "train_resumed_from" not in train  # timed whole: reports count it
     assert train["train_labelled_examples"] == TRAIN_SAMPLES - GUESSED
     assert train["train_windows"] > train["train_labelled_examples"]  # contexts longer than a 64-token window
 

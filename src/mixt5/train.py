@@ -363,7 +363,9 @@ def run_training(
         "train_answers_cut_by_truncation": train_stats.num_answers_cut,
     }
     arguments = (model_args, data_args, *((moe_args,) if model_args.enable_moe else ()), training_args)
-    return finish_training(trainer, train_metrics, evaluator, run_description("train", *arguments), command)
+    return finish_training(
+        trainer, train_metrics, evaluator, run_description("train", *arguments), command, resumed_from=resume
+    )
 
 
 def start_training(
@@ -397,9 +399,16 @@ def finish_training(
     evaluator: Any | None,
     description: dict[str, Any],
     command: str | None,
+    resumed_from: str | None = None,
 ) -> dict[str, Any]:
     """After `trainer.train()`, for either task: save the final model, evaluate it when there is an evaluation set
-    (`evaluator`), log, write the run's files and add the metrics to the model card of an MoE model."""
+    (`evaluator`), log, write the run's files and add the metrics to the model card of an MoE model.
+
+    `resumed_from` (the checkpoint `trainer.train` resumed from) is recorded as `train_resumed_from`: the Trainer's
+    `train_runtime` then covers only the part after it, and reports leave such runs out of training-time figures.
+    """
+    if resumed_from is not None:
+        train_metrics = {**train_metrics, "train_resumed_from": os.path.basename(os.path.normpath(resumed_from))}
     metrics: dict[str, Any] = {"train": train_metrics}
     output_dir = trainer.args.output_dir
     _save_final(trainer, output_dir)

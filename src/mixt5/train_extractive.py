@@ -28,6 +28,7 @@ from .data.extractive import (
 )
 from .data.squad import SquadExamples
 from .diagnostics import RoutingDiagnosticsCallback
+from .loading import check_sequence_length
 from .train import _write_results, build_model, finish_training, load_tokenizer, start_training
 from .trainer import ExtractiveEvaluator, MixT5Trainer
 
@@ -81,6 +82,7 @@ def run_extractive_training(
     answer_starts_file = extractive_args.skip_answer_starts_file or find_answer_starts_file(data_args.train_file)
     train_examples, skips = drop_unknown_answer_starts(train_examples, answer_starts_file)
     model = build_model(model_args, moe, command, auto_class=AutoModelForQuestionAnswering)
+    check_sequence_length(model.config, data_args.max_sequence_length)
 
     with training_args.main_process_first(desc="tokenising"):
         train_features, windows = prepare_train_features(
@@ -119,7 +121,9 @@ def run_extractive_training(
         training_args,
         extractive_args,
     )
-    return finish_training(trainer, train_metrics, evaluator, run_description("train", *arguments), command)
+    return finish_training(
+        trainer, train_metrics, evaluator, run_description("train", *arguments), command, resumed_from=resume
+    )
 
 
 def run_extractive_evaluation(
@@ -136,6 +140,7 @@ def run_extractive_evaluation(
     _extractive_training_args(training_args)
     tokenizer = load_tokenizer(model_args)
     model = build_model(model_args, None, auto_class=AutoModelForQuestionAnswering)
+    check_sequence_length(model.config, data_args.max_sequence_length)
     features, evaluator = _eval_windows(examples, tokenizer, data_args, extractive_args)
     diagnostics = RoutingDiagnosticsCallback()
     diagnostics.attach(model)  # a no-op for dense models

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..stats import MeanCI, PairedBootstrap, mean_ci, paired_bootstrap
-from .runs import METRICS, RunRecord, load_sweep_runs, question_score_matrix
+from .runs import METRICS, PHASES, RunRecord, load_sweep_runs, question_score_matrix
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ArmResult:
     runs: list[RunRecord]
     scores: dict[str, MeanCI] = field(default_factory=dict)
     versus_baseline: dict[str, PairedBootstrap] = field(default_factory=dict)
+    runtimes: dict[str, MeanCI] = field(default_factory=dict)  # "train" / "eval" → seconds over the timed runs
     note: str = ""
 
     @property
@@ -62,6 +63,10 @@ def summarize_sweep(sweep_dir: str | os.PathLike) -> SweepSummary:
     for arm in summary.arms:
         if arm.done:
             arm.scores = {metric: mean_ci([run.score(metric) for run in arm.done]) for metric in METRICS}
+        for phase in PHASES:
+            seconds = [value for run in arm.done if (value := run.runtime(phase)) is not None]
+            if seconds:
+                arm.runtimes[phase] = mean_ci(seconds)
 
     per_question: dict[str, tuple[list[str], np.ndarray]] = {}
     for arm in summary.arms:

@@ -12,7 +12,7 @@ from ..arguments import RUN_FILE
 from ..utils import atomic_write, read_json, write_json_atomic
 from .aggregate import SweepSummary, curve_data, routing_data, score_data, similarity_data, summarize_sweep
 from .plots import plot_curves, plot_load, plot_scores, plot_similarity
-from .runs import MANIFEST, METRICS, load_run
+from .runs import MANIFEST, METRICS, PHASES, load_run
 
 
 def table_markdown(summary: SweepSummary) -> str:
@@ -50,6 +50,30 @@ def methods_markdown(summary: SweepSummary) -> str:
     )
 
 
+def timing_markdown(summary: SweepSummary) -> str:
+    """Training and evaluation time per arm, and training time as a multiple of the baseline's; empty when no run
+    recorded its times."""
+    if not any(arm.runtimes for arm in summary.arms):
+        return ""
+    base = next((arm.runtimes.get("train") for arm in summary.arms if arm.name == summary.baseline), None)
+    lines = [
+        f"| Arm | Training (s) | Training × {summary.baseline} | Evaluation (s) | Runs timed: training, evaluation |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in summary.arms:
+        train, evaluation = arm.runtimes.get("train"), arm.runtimes.get("eval")
+        ratio = f"{train.mean / base.mean:.2f}" if train and base else "—"
+        timed = ", ".join(f"{ci.n if ci else 0}/{len(arm.done)}" for ci in (train, evaluation))
+        cells = [train.format(0) if train else "—", ratio, evaluation.format(0) if evaluation else "—", timed]
+        lines.append(f"| {arm.name} | {' | '.join(cells)} |")
+    note = (
+        "Wall-clock seconds per run as the Trainer timed them (`train_runtime`, `eval_runtime` in each run's "
+        "metrics.json), mean ± 95% CI over the finished runs; a run resumed from a checkpoint is not counted in "
+        "training time (only its last part was timed). Other load on the machine shows in these times."
+    )
+    return "\n".join([*lines, "", note])
+
+
 def runs_markdown(summary: SweepSummary) -> str:
     lines = ["| Arm | Seed | EM | F1 | Status |", "|---|---|---|---|---|"]
     for arm in summary.arms:
@@ -80,6 +104,8 @@ def results_markdown(summary: SweepSummary, command: str) -> str:
     parts += [f"Produced by `{command}`.", "", table_markdown(summary), "", methods_markdown(summary), ""]
     if notes_markdown(summary):
         parts += [notes_markdown(summary), ""]
+    if timing_markdown(summary):
+        parts += ["## Time per run", "", timing_markdown(summary), ""]
     described = [f"- `{arm.name}` ({arm.command}): {arm.description}" for arm in summary.arms if arm.description]
     if described:
         parts += ["## Arms", "", *described, ""]
@@ -109,6 +135,10 @@ def csv_rows(summary: SweepSummary) -> list[dict[str, Any]]:
             row[f"{metric}_diff_ci_low"] = test.low if test else ""
             row[f"{metric}_diff_ci_high"] = test.high if test else ""
             row[f"{metric}_p_value"] = test.p_value if test else ""
+        for phase in PHASES:
+            ci = arm.runtimes.get(phase)
+            row[f"{phase}_seconds_mean"] = ci.mean if ci else ""
+            row[f"{phase}_seconds_timed_runs"] = ci.n if ci else 0
         row["num_questions"] = summary.num_questions or ""
         row["note"] = arm.note
         rows.append(row)
@@ -131,11 +161,13 @@ def results_json(summary: SweepSummary) -> dict[str, Any]:
                         "status": run.status,
                         "path": str(run.path),
                         **({m: run.score(m) for m in METRICS} if run.status == "done" else {}),
+                        **{f"{phase}_seconds": run.runtime(phase) for phase in PHASES if run.status == "done"},
                     }
                     for run in arm.runs
                 ],
                 "scores": {m: ci.to_dict() for m, ci in arm.scores.items()},
                 "versus_baseline": {m: test.to_dict() for m, test in arm.versus_baseline.items()},
+                "seconds": {phase: ci.to_dict() for phase, ci in arm.runtimes.items()},
                 "note": arm.note,
             }
             for arm in summary.arms
@@ -235,6 +267,8 @@ def write_report(path: str | os.PathLike) -> tuple[Path, SweepSummary | None]:
         lines += ["## Results", "", table_markdown(summary), "", methods_markdown(summary), ""]
         if notes_markdown(summary):
             lines += [notes_markdown(summary), ""]
+        if timing_markdown(summary):
+            lines += ["## Time per run", "", timing_markdown(summary), ""]
         lines += [runs_markdown(summary), "", missing_markdown(summary), ""]
     else:
         (run,) = arms[path.name]

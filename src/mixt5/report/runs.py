@@ -18,6 +18,7 @@ from ..utils import read_json
 
 MANIFEST = "sweep.json"
 METRICS = ("exact_match", "f1")
+PHASES = ("train", "eval")  # the timed phases of a run (`RunRecord.runtime`)
 
 
 def run_status(path: str | os.PathLike) -> str:
@@ -66,6 +67,17 @@ class RunRecord:
         if value is None:
             raise ValueError(f"{self.path / 'metrics.json'} has no eval_{metric}")
         return float(value)
+
+    def runtime(self, phase: str) -> float | None:
+        """Wall-clock seconds of `phase` (`train` or `eval`) as the Trainer timed it (`<phase>_runtime`); None where
+        not recorded, and for the training of a resumed run (the Trainer then times only the part after the
+        checkpoint; `mixt5 train` records `train_resumed_from`)."""
+        metrics = self.metrics or {}
+        values = metrics.get("eval", metrics) if phase == "eval" else metrics.get(phase)  # `evaluate` writes it flat
+        if not isinstance(values, dict) or (phase == "train" and values.get("train_resumed_from") is not None):
+            return None
+        seconds = values.get(f"{phase}_runtime")
+        return None if seconds is None else float(seconds)
 
     def question_scores(self) -> dict[str, tuple[float, float]]:
         """`{id: (EM 0/1, F1 0..1)}` from the run's `question_scores.json`; for a run folder written before training
