@@ -303,3 +303,33 @@ def test_terminal_shows_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if "mixt5 predict" in line or "Traceback" in line]
     assert lines == [f"mixt5 predict: error: --model_name_or_path {tmp_path / 'none'}: no such folder (and not a hub "
                      "id like `org/name`)."], result.stderr  # fmt: skip
+
+
+# --- windows longer than the position table --------------------------------------------------------------------------
+
+
+def test_windows_longer_than_the_position_table(tmp_path, capfd):
+    from transformers import BertConfig, RobertaConfig, T5Config
+
+    from mixt5.loading import check_sequence_length
+    from mixt5.predict import load_predictor
+    from mixt5.testing import save_tiny_bert_qa_model
+
+    bert = save_tiny_bert_qa_model(tmp_path / "bert")  # 512 positions
+    out = tmp_path / "eval"
+    evaluate = ["evaluate", "--model_name_or_path", str(bert), "--validation_file", str(SAMPLE_SQUAD)]
+    _fails([*evaluate, "--max_sequence_length", "600", "--output_dir", str(out), "--use_cpu"], capfd,
+           "--max_sequence_length 600", "at most 512 tokens", root=tmp_path)  # fmt: skip
+    train = ["train", "--model_name_or_path", str(bert), "--train_file", str(SAMPLE_SQUAD), "--use_cpu"]
+    _fails([*train, "--max_sequence_length", "513", "--output_dir", str(out)], capfd, "at most 512", root=tmp_path)
+    with pytest.raises(ValueError, match="at most 512 tokens"):
+        load_predictor(str(bert), max_source_length=1024)
+    assert load_predictor(str(bert), max_source_length=512).max_source_length == 512
+
+    # RoBERTa numbers positions from pad_token_id + 1: 514 embeddings take 512 tokens; T5's positions are relative
+    roberta = RobertaConfig(max_position_embeddings=514, pad_token_id=1)
+    check_sequence_length(roberta, 512)
+    with pytest.raises(ValueError, match="at most 512 tokens"):
+        check_sequence_length(roberta, 513)
+    check_sequence_length(BertConfig(max_position_embeddings=128), 128)
+    check_sequence_length(T5Config(), 100_000)

@@ -24,6 +24,24 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def check_sequence_length(config: Any, length: int, flag: str = "--max_sequence_length") -> None:
+    """Refuse windows longer than a model's learned position table, before the forward pass fails on an index.
+
+    BERT and ELECTRA take `max_position_embeddings` tokens; RoBERTa and XLM-R number positions from
+    `pad_token_id + 1`, so they take that many fewer; models with relative positions (T5) have no such limit.
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    if "roberta" in config.model_type:  # roberta, xlm-roberta and their MixT5 classes
+        positions -= config.pad_token_id + 1
+    if length > positions:
+        raise ValueError(
+            f"{flag} {length}: this {config.model_type} model takes at most {positions} tokens per window "
+            f"(max_position_embeddings {config.max_position_embeddings}); give {flag} {positions} or less"
+        )
+
+
 def check_model_path(name: str, flag: str = "--model_name_or_path") -> None:
     """Refuse a `name` that is neither an existing local folder nor shaped like a hub id, before transformers
     reports it as a malformed repo id."""

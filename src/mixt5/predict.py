@@ -33,7 +33,7 @@ from .data.extractive import (
     prepare_eval_features,
 )
 from .data.squad import PromptFormat, SquadExample, format_prompt
-from .loading import from_pretrained, load_config, load_tokenizer, model_task
+from .loading import check_sequence_length, from_pretrained, load_config, load_tokenizer, model_task
 from .modeling import MoEModelMixin, layer_name
 from .modeling.router import RouterOutput
 from .utils import check_output_path
@@ -196,6 +196,7 @@ class ExtractiveQAPredictor(QAPredictor):
             )
         self.tokenizer = tokenizer or load_tokenizer(model_name_or_path)
         self.model = model or from_pretrained(AutoModelForQuestionAnswering, model_name_or_path)
+        check_sequence_length(self.model.config, max_source_length)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.model_name = model_name_or_path
@@ -227,7 +228,11 @@ class ExtractiveQAPredictor(QAPredictor):
             SquadExample(str(i), q, c, [], []) for i, (q, c) in enumerate(zip(questions, contexts, strict=True))
         ]
         features, _ = prepare_eval_features(
-            examples, self.tokenizer, max_sequence_length=self.max_source_length, doc_stride=self.doc_stride
+            examples,
+            self.tokenizer,
+            max_sequence_length=self.max_source_length,
+            doc_stride=self.doc_stride,
+            progress=False,  # one request's questions: no progress bar per call
         )
         names = [name for name in self.tokenizer.model_input_names if name in features.column_names]
         inputs = self.tokenizer.pad(features.select_columns(names).to_dict(), return_tensors="pt").to(self.device)

@@ -204,6 +204,16 @@ def test_predictions_for_several_examples_in_the_official_format(tokenizer) -> N
         postprocess_predictions(examples, features, start[:8], end[:8])
 
 
+def test_windows_without_a_progress_bar_are_the_same(tokenizer, capfd) -> None:
+    examples = [example("a", "Broncos", question="who won ?"), example("b", "Alpha")]
+    mapped, mapped_stats = prepare_eval_features(examples, tokenizer, **WINDOW)
+    assert "Windowing" in capfd.readouterr().err  # datasets' bar, drawn per call
+    direct, direct_stats = prepare_eval_features(examples, tokenizer, **WINDOW, progress=False)
+    assert "Windowing" not in capfd.readouterr().err  # predict and serve: one call per request, no bar
+    assert direct.to_dict() == mapped.to_dict() and direct_stats == mapped_stats
+    assert direct.features == mapped.features
+
+
 def test_bad_window_settings(tokenizer) -> None:
     with pytest.raises(ValueError, match="doc_stride < --max_sequence_length"):
         prepare_eval_features([example("q", "Echo")], tokenizer, max_sequence_length=10, doc_stride=10)

@@ -341,8 +341,11 @@ def _map_windows(
     max_sequence_length: int,
     doc_stride: int,
     num_proc: int | None,
+    progress: bool = True,
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """`(examples as a dataset, their windows)`: `batch_function` mapped over batches of examples."""
+    """`(examples as a dataset, their windows)`: `batch_function` mapped over batches of examples; without
+    `progress`, applied to all of them at once in this process (a few questions per request in predict and serve:
+    `Dataset.map` would draw a progress bar per call, and datasets can switch bars off only process-wide)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"extractive QA needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
     if not 0 < doc_stride < max_sequence_length:
@@ -351,6 +354,8 @@ def _map_windows(
     function = partial(
         batch_function, tokenizer=tokenizer, max_sequence_length=max_sequence_length, doc_stride=doc_stride
     )
+    if not progress:
+        return dataset, datasets.Dataset.from_dict(function(dataset[:]))
     features = dataset.map(
         function, batched=True, num_proc=num_proc, remove_columns=dataset.column_names, desc="Windowing"
     )
@@ -410,12 +415,16 @@ def prepare_eval_features(
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     doc_stride: int = DEFAULT_DOC_STRIDE,
     num_proc: int | None = None,
+    progress: bool = True,
 ) -> tuple[datasets.Dataset, WindowStats]:
     """Evaluation windows, cut as in `prepare_train_features`, with `example_id` and `offset_mapping` kept for
     `postprocess_predictions`: `offset_mapping[t]` is the `(start, end)` character span of token `t` in the context,
     None for question, special and padding tokens. `Trainer` drops both columns before the forward pass
-    (`remove_unused_columns`); examples need no answers."""
-    dataset, features = _map_windows(examples, _eval_batch, tokenizer, max_sequence_length, doc_stride, num_proc)
+    (`remove_unused_columns`); examples need no answers. `progress=False`: no progress bar, no `num_proc` (for the
+    few questions of one request)."""
+    dataset, features = _map_windows(
+        examples, _eval_batch, tokenizer, max_sequence_length, doc_stride, num_proc, progress
+    )
     stats = WindowStats(
         num_examples=len(dataset),
         num_features=len(features),
