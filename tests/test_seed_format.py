@@ -84,6 +84,8 @@ def test_fork_checkpoint_loads_with_identical_outputs(tmp_path):
     assert isinstance(loaded, MixT5ForConditionalGeneration)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, got)
+    card = (tmp_path / "converted" / "README.md").read_text()  # how the checkpoint was made, as typed
+    assert f"mixt5 convert-seed {tmp_path / 'fork'} {tmp_path / 'converted'}" in card
 
 
 def test_not_a_fork_checkpoint_is_refused(tmp_path):

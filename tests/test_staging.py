@@ -88,3 +88,27 @@ def test_a_killed_upcycle_is_cleaned_by_the_next_one(tmp_path, live_owner):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not tempfile's 0700
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes  # not safetensors' 0600
+
+
+def test_published_folders_and_files_are_on_disk_before_their_new_name(tmp_path, monkeypatch):
+    from mixt5 import utils
+
+    synced = []
+    real = utils.fsync_path
+    monkeypatch.setattr(utils, "fsync_path", lambda path: (synced.append((str(path), staged.exists())), real(path)))
+    staged, final = tmp_path / "staging" / "checkpoint-3", tmp_path / "run" / "checkpoint-3"
+    (staged / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "sub/optimizer.pt"):
+        (staged / name).write_bytes(b"x" * 10)
+    final.mkdir(parents=True)  # an older copy: renamed aside, replaced
+    utils.replace_dir(staged, final)
+    before_rename = {path for path, source_there in synced if source_there}
+    assert before_rename == {str(staged / "model.safetensors"), str(staged / "sub" / "optimizer.pt"),
+                             str(staged / "sub"), str(staged)}  # fmt: skip
+    assert synced[-1] == (str(final.parent), False)  # the rename, after it
+    assert (final / "sub" / "optimizer.pt").read_bytes() == b"x" * 10
+
+    synced.clear()
+    with atomic_write(tmp_path / "run" / "metrics.json") as handle:
+        handle.write("{}")
+    assert [path for path, _ in synced] == [str(tmp_path / "run")]  # the file itself is fsynced before its rename

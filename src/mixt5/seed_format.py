@@ -132,9 +132,12 @@ def load_seed_checkpoint(path: str | Path) -> MixT5ForConditionalGeneration:
     return model.eval()
 
 
-def convert_seed_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """`mixt5 convert-seed SRC DST`: write a study-fork checkpoint as a MixT5 one (safetensors), tokenizer included."""
+def convert_seed_checkpoint(src: str | Path, dst: str | Path, command: str | None = None) -> Path:
+    """`mixt5 convert-seed SRC DST`: write a study-fork checkpoint as a MixT5 one (safetensors), tokenizer included;
+    `command` (the command line that ran this) goes into the model card."""
     model = load_seed_checkpoint(src)
+    if command:
+        model.config.upcycled_from["command"] = command
     dst = Path(dst)
     model.save_pretrained(dst)
     copy_tokenizer(str(src), dst)

@@ -140,19 +140,41 @@ def remove_stale_staging(directory: str | os.PathLike, name: str = "*") -> list[
     return removed
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to disk (`fsync` on a read-only descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """`fsync_path` every file and folder under `root` (files first, `root` last)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+
+
 def replace_dir(source: str | os.PathLike, destination: str | os.PathLike) -> None:
     """Move the complete folder `source` to `destination`, replacing what is there with as few renames as possible.
 
     A folder at `destination` is renamed aside (to a staging name) first and removed after, since a rename cannot
     replace a non-empty folder; readers see the old folder or the new one, apart from the instant between the renames.
+    `source` is flushed to disk before the rename and the parent folder after it, so that after a power loss the new
+    name holds whole files (a rename alone orders nothing with the data written before it).
     """
     source, destination = Path(source), Path(destination)
+    fsync_tree(source)
     if not destination.exists():
         source.rename(destination)
+        fsync_path(destination.parent)
         return
     old = Path(tempfile.mkdtemp(dir=destination.parent, prefix=staging_prefix(destination.name), suffix=".old"))
     destination.rename(old / destination.name)
     source.rename(destination)
+    fsync_path(destination.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -161,8 +183,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[str]]:
     """Open `path` for writing so that readers see either the old file or the whole new one, never a partial write.
 
     Text goes to a temporary file in the same directory, which is flushed, fsynced and moved over `path` with
-    `os.replace` (mode 0o666 less the umask) when the block ends without error; on error it is removed and `path` is
-    untouched. Temporary files for `path` that a killed earlier writer left are removed first (`remove_stale_staging`).
+    `os.replace` (mode 0o666 less the umask; the folder fsynced after) when the block ends without error; on error it
+    is removed and `path` is untouched. Temporary files for `path` that a killed earlier writer left are removed first
+    (`remove_stale_staging`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +198,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[str]]:
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself, as `replace_dir` does
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

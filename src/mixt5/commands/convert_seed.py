@@ -17,6 +17,6 @@ def run(args: argparse.Namespace) -> int:
     from ..utils import atomic_output_dir
 
     with atomic_output_dir(args.dst, overwrite=args.overwrite_output_dir) as staging:
-        convert_seed_checkpoint(args.src, staging)
+        convert_seed_checkpoint(args.src, staging, command=getattr(args, "command_line", None))
     print(f"converted {args.src} -> {args.dst}")
     return 0
