@@ -287,6 +287,35 @@ def test_upcycle_refuses_what_memory_cannot_hold(monkeypatch):
             upcycle(tiny_dense(), moe)
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_memory_available_is_capped_by_the_cgroup_limit(tmp_path, version):
+    """A container's limit (here written as the kernel shows it) caps the estimate; page cache counts as free."""
+    import psutil
+    import torch
+
+    folder = tmp_path if version == "v2" else tmp_path / "memory"
+    folder.mkdir(exist_ok=True)
+    names = {
+        "v2": ("memory.max", "memory.current", "inactive_file"),
+        "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    }[version]
+    gib = 2**30
+    (folder / names[0]).write_text(f"{4 * gib}\n")
+    (folder / names[1]).write_text(f"{3 * gib}\n")
+    (folder / "memory.stat").write_text(f"anon 1000\n{names[2]} {gib}\nactive_file 5\n")
+    assert UPCYCLE_MODULE.cgroup_headroom(tmp_path) == (2 * gib, str(folder / names[0]))  # 4 - (3 - 1) GiB
+    cpu = torch.device("cpu")
+    assert UPCYCLE_MODULE.available_memory(cpu, tmp_path)[0] == min(2 * gib, psutil.virtual_memory().available)
+
+    (folder / names[0]).write_text("max\n" if version == "v2" else "9223372036854771712\n")  # no limit
+    assert UPCYCLE_MODULE.cgroup_headroom(tmp_path) is None
+    assert UPCYCLE_MODULE.available_memory(cpu, tmp_path) == (
+        pytest.approx(psutil.virtual_memory().available, rel=0.05),
+        "psutil.virtual_memory().available",
+    )
+    assert UPCYCLE_MODULE.cgroup_headroom(tmp_path / "none") is None
+
+
 def test_upcycle_cli_refuses_experts_beyond_memory(model_dir, tmp_path, capfd):
     argv = ["upcycle", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out")]
     _fails([*argv, "--moe_layers", "all", "--num_experts", "100000000"], capfd, "num_experts=100000000", "GiB",

@@ -6,6 +6,9 @@ this module builds the experts from any family's `DenseFF` and swaps the model.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,13 +128,59 @@ def _fp32_cpu(tensor: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[
     return tensor.detach().float().cpu()
 
 
-def available_memory(device: torch.device) -> tuple[int, str]:
-    """Bytes that can still be allocated on `device`, and where the figure comes from."""
+def available_memory(device: torch.device, cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> tuple[int, str]:
+    """Bytes that can still be allocated on `device`, and where the figure comes from.
+
+    On the CPU the smaller of the machine's available memory and what the process's memory cgroup (a container's
+    or a batch job's limit) still allows: past that the kernel's OOM killer ends the process without a message.
+    """
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"torch.cuda.mem_get_info({device})"
     import psutil  # a dependency of accelerate; on Linux this is /proc/meminfo's MemAvailable
 
-    return psutil.virtual_memory().available, "psutil.virtual_memory().available"
+    available, source = psutil.virtual_memory().available, "psutil.virtual_memory().available"
+    headroom = cgroup_headroom(cgroup_root)
+    if headroom is not None and headroom[0] < available:
+        return headroom
+    return available, source
+
+
+def cgroup_headroom(root: str | os.PathLike = "/sys/fs/cgroup") -> tuple[int, str] | None:
+    """Bytes this process's memory cgroup may still take (its limit less its usage, reclaimable page cache not
+    counted, as `docker stats` counts it) and the file of the limit; None without a cgroup memory limit.
+
+    psutil and torch do not read cgroup limits. cgroup v2 (`memory.max`, `memory.current`, `inactive_file` of
+    `memory.stat`) and v1 (`memory/memory.limit_in_bytes`, `memory.usage_in_bytes`, `total_inactive_file`), each in
+    the process's own cgroup folder (from /proc/self/cgroup) or, inside a container's cgroup namespace, at the root.
+    """
+    root = Path(root)
+    own = {"v2": "", "v1": ""}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own["v2"] = path.lstrip("/")
+            elif "memory" in controllers.split(","):
+                own["v1"] = path.lstrip("/")
+    layouts = (
+        ("v2", root, "memory.max", "memory.current", "inactive_file"),
+        ("v1", root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    )
+    for version, base, limit_name, usage_name, inactive_name in layouts:
+        for folder in dict.fromkeys([base / own[version], base]):
+            try:
+                limit_text = (folder / limit_name).read_text().strip()
+                usage = int((folder / usage_name).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or int(limit_text) >= 2**60:  # no limit (v1 writes a huge number)
+                return None
+            stat = {}
+            with contextlib.suppress(OSError, ValueError):
+                stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            usage -= min(usage, int(stat.get(inactive_name, 0)))
+            return max(0, int(limit_text) - usage), str(folder / limit_name)
+    return None
 
 
 def check_memory(dense_ffs: list[DenseFF], moe: MoEConfig) -> None:
