@@ -144,3 +144,24 @@ def test_requests_of_disconnected_clients_are_not_generated(tiny_moe_dir, serve_
         assert answered.status_code == 200
         stats = client.get("/healthz").json()["micro_batching"]
     assert generated == ["first?", "last?"] and stats["abandoned"] == 5, (generated, stats)
+
+
+def test_connections_beyond_limit_concurrency_get_503(tiny_moe_dir, serve_in_thread):
+    """`--limit_concurrency 3`: with two idle connections open, a third client's request is refused with 503 (its
+    own connection makes three); once they close, it is answered."""
+    args = ServeArguments(str(tiny_moe_dir), device="cpu", max_sequence_length=256, limit_concurrency=3)
+    with serve_in_thread(create_app(args), **uvicorn_options(args)) as url:
+        holders = [socket.create_connection(("127.0.0.1", _port(url)), timeout=5) for _ in range(2)]
+        with httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + 10
+            while (status := client.get("/healthz").status_code) == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the server has accepted both holders
+            assert status == 503
+            for sock in holders:
+                sock.close()
+            deadline = time.monotonic() + 10
+            while (status := client.get("/healthz").status_code) == 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert status == 200
+            response = client.post("/v1/answer", json={"question": "Who won?", "context": "The Broncos won."})
+            assert response.status_code == 200
