@@ -29,6 +29,7 @@ from .data.extractive import (
     DEFAULT_MAX_ANSWER_LENGTH,
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_N_BEST_SIZE,
+    AnswerSpan,
     best_answer_spans,
     prepare_eval_features,
 )
@@ -169,12 +170,25 @@ def _encoder_routing(
     return layers
 
 
+def _answer_window(window_ids: list[str], offsets: list[list[Any]], example_id: str, span: AnswerSpan | None) -> int:
+    """The batch row of the first of the example's windows whose context holds `span` (windows overlap by the
+    stride); its first window where there is no answer. `offsets`: per window, each token's (start, end) character
+    span in the context, None for non-context tokens."""
+    rows = [i for i, window_id in enumerate(window_ids) if window_id == example_id]
+    if span is not None:
+        for row in rows:
+            chars = [offset for offset in offsets[row] if offset is not None]
+            if chars and chars[0][0] <= span.start and span.end <= chars[-1][1]:
+                return row
+    return rows[0]
+
+
 class ExtractiveQAPredictor(QAPredictor):
     """`QAPredictor`'s interface for an encoder with a span head (e.g. `BertForQuestionAnswering`): each context is
     cut into windows of `max_source_length` tokens sharing `doc_stride`, and the best span over all windows
     (`best_answer_spans`, at most `max_answer_length` tokens) is the answer. `max_length` / `num_beams` mean nothing
     here and are ignored. Results also give the answer's character `start` / `end` in the context and its `score`;
-    the routing shown is that of the question's first window (encoder layers only)."""
+    the routing shown is that of the window holding the answer (its first window without one; encoder layers only)."""
 
     def __init__(
         self,
@@ -251,6 +265,7 @@ class ExtractiveQAPredictor(QAPredictor):
             max_answer_length=self.max_answer_length,
         )
         window_ids = features["example_id"]
+        offsets = features["offset_mapping"] if records is not None else None
         results = []
         for example in examples:
             span = spans[example.id]
@@ -260,7 +275,7 @@ class ExtractiveQAPredictor(QAPredictor):
                 else {"answer": span.text, "start": span.start, "end": span.end, "score": round(span.score, 4)}
             )
             if records is not None:
-                row = window_ids.index(example.id)
+                row = _answer_window(window_ids, offsets, example.id, span)
                 encoder = _encoder_routing(self.model, self.tokenizer, records, inputs, row)
                 result["routing"] = {"encoder": encoder, "decoder": []}  # an encoder has no decoder layers
             results.append(result)

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from mixt5 import MoEConfig, upcycle
+from mixt5.data.extractive import prepare_eval_features
 from mixt5.data.squad import load_squad_json
 from mixt5.predict import ExtractiveQAPredictor, load_predictor
 from mixt5.serve import ServeArguments, create_app
@@ -66,3 +67,31 @@ def test_dense_encoder_has_empty_routing(bert_dirs):
         body = client.post("/v1/answer", json=request).json()
         assert body["routing"] == {"encoder": [], "decoder": []}
         assert body["answer"] and body["answer"] in request["context"]
+
+
+def test_routing_is_that_of_the_window_holding_the_answer(bert_dirs):
+    """A context cut into several windows: the routing shown is the first window whose context holds the answer."""
+    _, moe_dir = bert_dirs
+    predictor = load_predictor(str(moe_dir), max_source_length=48, doc_stride=16, device="cpu")
+    features, _ = prepare_eval_features(QUESTIONS, predictor.tokenizer, max_sequence_length=48, doc_stride=16)
+    checked = 0
+    for index, example in enumerate(QUESTIONS):
+        rows = [i for i, window_id in enumerate(features["example_id"]) if window_id == example.id]
+        if len(rows) < 2:
+            continue
+        (result,) = predictor.answer([example.question], [example.context], show_routing=True)
+        holding = [
+            row
+            for row in rows
+            if result["start"] >= 0
+            and (chars := [o for o in features[row]["offset_mapping"] if o is not None])[0][0] <= result["start"]
+            and result["end"] <= chars[-1][1]
+        ]
+        expected_row = holding[0] if holding else rows[0]
+        tokens = predictor.tokenizer.convert_ids_to_tokens(features[expected_row]["input_ids"])
+        for layer in result["routing"]["encoder"]:
+            assert layer["tokens"] == tokens, (index, rows, expected_row)
+        checked += expected_row != rows[0]
+        if checked == 3:
+            break
+    assert checked > 0  # some answers lie past the first window: the first window's routing would be wrong there
