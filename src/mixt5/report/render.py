@@ -267,9 +267,9 @@ def write_report(path: str | os.PathLike) -> tuple[Path, SweepSummary | None]:
         lines += ["## Results", "", table_markdown(summary), "", methods_markdown(summary), ""]
         if notes_markdown(summary):
             lines += [notes_markdown(summary), ""]
+        lines += [runs_markdown(summary), "", missing_markdown(summary), ""]
         if timing_markdown(summary):
             lines += ["## Time per run", "", timing_markdown(summary), ""]
-        lines += [runs_markdown(summary), "", missing_markdown(summary), ""]
     else:
         (run,) = arms[path.name]
         if run.description is not None:
