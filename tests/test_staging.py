@@ -112,3 +112,27 @@ def test_published_folders_and_files_are_on_disk_before_their_new_name(tmp_path,
     with atomic_write(tmp_path / "run" / "metrics.json") as handle:
         handle.write("{}")
     assert [path for path, _ in synced] == [str(tmp_path / "run")]  # the file itself is fsynced before its rename
+
+
+def test_file_systems_without_fsync_still_publish(tmp_path, monkeypatch):
+    import errno
+
+    from mixt5 import utils
+
+    def unsupported(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")  # what some network and FUSE mounts answer
+
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged" / "model.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(utils.os, "fsync", unsupported)
+    utils.replace_dir(tmp_path / "staged", tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"x"
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")  # a real write error is not swallowed
+
+    (tmp_path / "again").mkdir()
+    monkeypatch.setattr(utils.os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        utils.replace_dir(tmp_path / "again", tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"x"  # the published folder is untouched

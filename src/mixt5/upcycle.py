@@ -170,16 +170,17 @@ def cgroup_headroom(root: str | os.PathLike = "/sys/fs/cgroup") -> tuple[int, st
         for folder in dict.fromkeys([base / own[version], base]):
             try:
                 limit_text = (folder / limit_name).read_text().strip()
+                limit = 2**63 if limit_text == "max" else int(limit_text)
                 usage = int((folder / usage_name).read_text())
             except (OSError, ValueError):
                 continue
-            if limit_text == "max" or int(limit_text) >= 2**60:  # no limit (v1 writes a huge number)
+            if limit >= 2**60:  # no limit: v2 writes "max", v1 a huge number
                 return None
             stat = {}
             with contextlib.suppress(OSError, ValueError):
                 stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
             usage -= min(usage, int(stat.get(inactive_name, 0)))
-            return max(0, int(limit_text) - usage), str(folder / limit_name)
+            return max(0, limit - usage), str(folder / limit_name)
     return None
 
 

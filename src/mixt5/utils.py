@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import gzip
 import json
@@ -140,20 +141,29 @@ def remove_stale_staging(directory: str | os.PathLike, name: str = "*") -> list[
     return removed
 
 
+# What some file systems (network and FUSE mounts) answer to an fsync they do not support, for folders in particular:
+# durability is then theirs to give, and a checkpoint must not fail for it.
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's or a folder's data and metadata to disk (`fsync` on a read-only descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """`fsync_path` every file and folder under `root` (files first, `root` last)."""
+    """`fsync_path` every file and folder under `root` (files first, `root` last; symbolic links are not followed)."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            fsync_path(os.path.join(folder, name))
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_path(os.path.join(folder, name))
         fsync_path(folder)
 
 
