@@ -484,6 +484,7 @@ IDLE_LAYERS_WORKER = textwrap.dedent(
             "fsdp_vs_ddp": max((fsdp_state[n] - t).abs().max().item() for n, t in ddp_state.items()),
         }
         print("RESULT " + json.dumps(result))
+    dist.barrier()  # both ranks leave together: gloo torn down while the other rank still runs can abort it
     dist.destroy_process_group()
     """
 )
