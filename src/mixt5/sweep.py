@@ -325,8 +325,7 @@ def plan_sweep(spec: SweepSpec, output_dir: str | os.PathLike) -> list[PlannedRu
             _check_run(run)
             runs.append(run)
     seed_index = {(arm.name, seed): index for arm in spec.arms for index, seed in enumerate(spec.seeds_of(arm))}
-    arm_index = {arm.name: index for index, arm in enumerate(spec.arms)}
-    return sorted(runs, key=lambda run: (seed_index[run.arm, run.seed], arm_index[run.arm]))
+    return sorted(runs, key=lambda run: seed_index[run.arm, run.seed])  # stable: arms keep the spec's order
 
 
 def prepare_data(runs: Sequence[PlannedRun], output_dir: str | os.PathLike) -> None:

@@ -162,8 +162,9 @@ def fsync_tree(root: str | os.PathLike) -> None:
     """`fsync_path` every file and folder under `root` (files first, `root` last; symbolic links are not followed)."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            if not os.path.islink(os.path.join(folder, name)):
-                fsync_path(os.path.join(folder, name))
+            file = os.path.join(folder, name)
+            if not os.path.islink(file):
+                fsync_path(file)
         fsync_path(folder)
 
 

@@ -60,9 +60,15 @@ class RunRecord:
     def label(self) -> str:
         return self.arm if self.seed is None else f"{self.arm} seed {self.seed}"
 
+    def phase_metrics(self, phase: str) -> dict[str, Any]:
+        """The metrics.json section of `phase` (`train` or `eval`); `mixt5 evaluate` writes its eval metrics flat."""
+        metrics = self.metrics or {}
+        values = metrics.get("eval", metrics) if phase == "eval" else metrics.get(phase)
+        return values if isinstance(values, dict) else {}
+
     def score(self, metric: str) -> float:
         """`exact_match` or `f1` in percent, as the run's final evaluation reported it."""
-        evaluation = self.metrics.get("eval", self.metrics) if self.metrics else {}
+        evaluation = self.phase_metrics("eval")
         value = evaluation.get(f"eval_{metric}", evaluation.get(metric))
         if value is None:
             raise ValueError(f"{self.path / 'metrics.json'} has no eval_{metric}")
@@ -72,9 +78,8 @@ class RunRecord:
         """Wall-clock seconds of `phase` (`train` or `eval`) as the Trainer timed it (`<phase>_runtime`); None where
         not recorded, and for the training of a resumed run (the Trainer then times only the part after the
         checkpoint; `mixt5 train` records `train_resumed_from`)."""
-        metrics = self.metrics or {}
-        values = metrics.get("eval", metrics) if phase == "eval" else metrics.get(phase)  # `evaluate` writes it flat
-        if not isinstance(values, dict) or (phase == "train" and values.get("train_resumed_from") is not None):
+        values = self.phase_metrics(phase)
+        if phase == "train" and values.get("train_resumed_from") is not None:
             return None
         seconds = values.get(f"{phase}_runtime")
         return None if seconds is None else float(seconds)
